@@ -1,0 +1,142 @@
+"""Time GRPO steps of `algos/grpo.py` against TRL's `GRPOTrainer` on the same model, prompts, group
+size, generation length, β and learning rate, in one run, and print the per-step ratio and the peak
+memory of each.
+
+    pip install trl            # benchmark-only dependency, not in requirements.txt
+    python scripts/bench_grpo_trl.py --model tiny
+    python scripts/bench_grpo_trl.py --model HuggingFaceTB/SmolLM2-135M-Instruct
+
+Each trainer runs in its own subprocess (so peak memory — max RSS on CPU, max allocated on CUDA — is
+its own) for `--steps` steps; the first step is warm-up and excluded from the median. Our step time
+is `perf/step_s` (generation + reference + update, evaluation excluded); TRL's is the wall time
+between `on_step_begin` and `on_step_end` of its training loop (generation + scoring + update).
+Results are appended to `--out` (JSON lines) and printed as a markdown row.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_ours(a) -> dict:
+    import torch
+
+    from algos.grpo import Args, main
+    from shared.run import read_metrics
+
+    out = main(Args(model=a.model, task="arith", seed=a.seed, total_steps=a.steps, batch_size=a.batch_size,
+                    group_size=a.group_size, max_new_tokens=a.max_new_tokens, lr=a.lr, beta=a.beta,
+                    n_test=4, eval_every=10**6, save_every=10**6, micro_batch_size=a.batch_size * a.group_size,
+                    output_dir=str(ROOT / "runs" / "bench")))
+    steps = [r["perf/step_s"] for r in read_metrics(Path(out["run_dir"])) if "perf/step_s" in r]
+    return {"step_s": steps, "peak_mb": peak_memory_mb(), "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")}
+
+
+def run_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from shared.models import load_model
+    from shared.run import seed_everything
+    from shared.tasks import load_task
+
+    seed_everything(a.seed)
+    model, tokenizer = load_model(a.model, seed=a.seed)
+    task = load_task("arith", seed=a.seed, n_train=2000, n_test=200)
+    system = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+    rows = [{"prompt": system + [{"role": "user", "content": p.prompt}], "idx": i} for i, p in enumerate(task.train)]
+    dataset = Dataset.from_list(rows)
+
+    def reward(completions, idx, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [task.reward(t, task.train[i]) for t, i in zip(texts, idx)]
+
+    times, t0 = [], [0.0]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            t0[0] = time.time()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.time() - t0[0])
+
+    use_cuda = torch.cuda.is_available()
+    config = GRPOConfig(
+        output_dir=str(ROOT / "runs" / "bench" / "trl"), max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
+        num_generations=a.group_size, per_device_train_batch_size=a.batch_size * a.group_size,
+        gradient_accumulation_steps=1, max_completion_length=a.max_new_tokens, temperature=1.0,
+        loss_type="grpo", scale_rewards="group", logging_steps=1, save_strategy="no", report_to=[],
+        seed=a.seed, bf16=use_cuda, use_cpu=not use_cuda, dataloader_num_workers=0, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=1.0)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[reward], args=config,
+                          train_dataset=dataset, callbacks=[Timer()])
+    trainer.train()
+    return {"step_s": times, "peak_mb": peak_memory_mb()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="questions per step (B)")
+    p.add_argument("--group-size", type=int, default=8, help="answers per question (G)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "grpo_vs_trl.jsonl"))
+    p.add_argument("--which", choices=["both", "ours", "trl"], default="both", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.which != "both":  # child process: run one trainer, print one JSON line
+        res = run_ours(a) if a.which == "ours" else run_trl(a)
+        print("RESULT " + json.dumps(res))
+        return
+
+    results = {}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for which in ("ours", "trl"):
+        cmd = [sys.executable, __file__, "--which", which] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            sys.exit(f"{which} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        results[which] = json.loads(lines[-1][len("RESULT "):])
+    med = {k: statistics.median(v["step_s"][1:] or v["step_s"]) for k, v in results.items()}
+    row = {"model": a.model, "device": results["ours"]["device"], "cpus": os.cpu_count(), "machine": platform.machine(),
+           "B": a.batch_size, "G": a.group_size, "max_new_tokens": a.max_new_tokens, "beta": a.beta, "steps": a.steps,
+           "ours_step_s": med["ours"], "trl_step_s": med["trl"], "ratio_ours_over_trl": med["ours"] / med["trl"],
+           "ours_peak_mb": results["ours"]["peak_mb"], "trl_peak_mb": results["trl"]["peak_mb"],
+           "ours_all_steps": results["ours"]["step_s"], "trl_all_steps": results["trl"]["step_s"]}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print("| model | device | B×G | new tokens | β | ours s/step | TRL s/step | ours/TRL | ours peak MB | TRL peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {a.model} | {row['device']} ({os.cpu_count()} CPUs) | {a.batch_size}×{a.group_size} | {a.max_new_tokens} | "
+          f"{a.beta} | {med['ours']:.2f} | {med['trl']:.2f} | {row['ratio_ours_over_trl']:.2f} | "
+          f"{row['ours_peak_mb']:.0f} | {row['trl_peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

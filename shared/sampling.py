@@ -1,0 +1,164 @@
+"""Sampling completions: prompts in, a padded batch of token ids and masks out.
+
+The interface is deliberately narrow (`generate` returns a `Rollout`) so that a faster backend
+(vLLM) can replace the Hugging Face one without touching the algorithms.
+
+The sampler draws from the plain softmax(logits / T) (optionally nucleus-truncated with top_p):
+no top-k, no repetition penalty, whatever the checkpoint's generation_config says. That is the
+distribution `shared.logprobs.token_logprobs(..., temperature=T)` scores, so ratios π_θ / π_old
+start at exactly 1 on-policy (GRPO pitfalls 5 and 7). With top_p < 1 the sampler draws from a
+truncated distribution that the log-probs do not model; the papers we follow use top_p = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import BoolTensor, LongTensor, Tensor
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """N = len(prompts) * n sampled completions. Rows [i*n, (i+1)*n) are the n samples of prompt i."""
+
+    prompt_ids: LongTensor  # [N, P] prompt tokens, left-padded with pad_token_id
+    prompt_mask: LongTensor  # [N, P] 1 on prompt tokens, 0 on padding
+    completion_ids: LongTensor  # [N, C] generated tokens, right-padded with pad_token_id
+    completion_mask: Tensor  # [N, C] float: 1 up to and including the first EOS, 0 after it and on padding
+    texts: list[str]  # the completions decoded (masked tokens only, special tokens skipped)
+    truncated: BoolTensor  # [N] True where no EOS was produced within max_new_tokens
+    pad_token_id: int = 0  # the id in padded positions (needed to re-pad in `cat_rollouts`)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same rollout with its tensors on `device`."""
+        tensors = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated")
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS plus any the model's generation_config lists
+    (e.g. a base tokenizer's <|endoftext|> next to the chat model's <|im_end|>)."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return sorted({i for i in [tokenizer.eos_token_id, *extra] if i is not None})
+
+
+def sampling_config(
+    eos_ids: list[int], pad_id: int, max_new_tokens: int, temperature: float, top_p: float, greedy: bool
+) -> GenerationConfig:
+    """An explicit GenerationConfig for plain (temperature, top_p) sampling or greedy decoding.
+
+    `generate` fills every field left unset from the model's own generation_config, and from global
+    defaults after that (top_k=50!), so the processors that checkpoints commonly switch on are set to
+    their neutral values here. (`load_model` also resets the model's generation_config.)
+    """
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        do_sample=not greedy,
+    )
+    if not greedy:  # the warpers below only exist in sampling mode
+        config.update(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0)
+    return config
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int | None = None,
+) -> Rollout:
+    """Sample n completions for each prompt (already chat-templated text) with `model.generate`.
+
+    batch_size: rows (prompt copies) per `generate` call; None = all N rows at once.
+    Uses the global torch RNG (seed it for reproducible samples).
+    """
+    gen_model = getattr(model, "module", model)  # unwrap DDP / accelerate; peft models generate as is
+    pad_id = tokenizer.pad_token_id
+    eos_ids = eos_token_ids(gen_model, tokenizer)
+    config = sampling_config(eos_ids, pad_id, max_new_tokens, temperature, top_p, greedy)
+
+    # Tokenize every prompt once (left padding: all prompts end at the same column), then repeat
+    # each n times so that the n samples of a prompt sit in adjacent rows. The chat template already
+    # wrote any BOS text, so the tokenizer adds no special tokens of its own.
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    device = gen_model.device
+    prompt_ids = enc.input_ids.repeat_interleave(n, dim=0).to(device)
+    prompt_mask = enc.attention_mask.repeat_interleave(n, dim=0).to(device)
+
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        chunks = []
+        step = batch_size or len(prompt_ids)
+        for start in range(0, len(prompt_ids), step):
+            ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+            out = gen_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            chunks.append(out[:, ids.shape[1] :])  # keep only the new tokens
+    finally:
+        gen_model.train(was_training)
+
+    # Chunks stop at different lengths (when all their rows hit EOS); pad them to a common width.
+    width = max(c.shape[1] for c in chunks)
+    completion_ids = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+
+    # Mask: 1 up to and including the first EOS. Rows without EOS ran out of tokens (truncated).
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
+    truncated = ~is_eos.any(dim=1)
+    first_eos = torch.where(truncated, width, is_eos.int().argmax(dim=1))  # argmax = first True
+    positions = torch.arange(width, device=device)
+    completion_mask = (positions[None, :] <= first_eos[:, None]).float()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+
+    texts = tokenizer.batch_decode(
+        [row[m.bool()] for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True
+    )
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, truncated, pad_id)
+
+
+def cat_rollouts(rollouts: list[Rollout], rows: list[list[int]] | None = None) -> Rollout:
+    """One Rollout from rows[k] of rollouts[k] (all rows where rows is None), in that order.
+
+    Prompts are re-padded on the left and completions on the right to the widest of the inputs, then
+    columns that are padding in every selected row are trimmed away.
+    """
+    rows = rows if rows is not None else [range(len(r)) for r in rollouts]
+    pad = rollouts[0].pad_token_id
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
+    C = max(r.completion_ids.shape[1] for r in rollouts)
+    parts = []
+    for r, idx in zip(rollouts, rows):
+        idx = torch.as_tensor(list(idx), dtype=torch.long, device=r.prompt_ids.device)
+        left, right = (P - r.prompt_ids.shape[1], 0), (0, C - r.completion_ids.shape[1])
+        parts.append((
+            F.pad(r.prompt_ids[idx], left, value=pad),
+            F.pad(r.prompt_mask[idx], left, value=0),
+            F.pad(r.completion_ids[idx], right, value=pad),
+            F.pad(r.completion_mask[idx], right, value=0.0),
+            r.truncated[idx],
+        ))
+    prompt_ids, prompt_mask, completion_ids, completion_mask, truncated = (torch.cat(t) for t in zip(*parts))
+    texts = [r.texts[i] for r, idx in zip(rollouts, rows) for i in idx]
+    # Keep the widths actually used: the longest prompt (right-aligned), the longest completion (left-aligned).
+    p = slice(P - int(prompt_mask.sum(1).max()) if texts else P, None)
+    c = slice(0, int(completion_mask.sum(1).max()) if texts else 0)
+    return Rollout(
+        prompt_ids[:, p], prompt_mask[:, p], completion_ids[:, c], completion_mask[:, c], texts, truncated, pad
+    )

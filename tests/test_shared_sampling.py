@@ -1,0 +1,152 @@
+"""shared/sampling.py on the tiny model: layout of a Rollout, EOS masking, truncation, greedy
+determinism, chunking, and that checkpoint generation defaults cannot distort sampling."""
+
+import pytest
+import torch
+
+from shared.models import chat_prompt, load_model
+from shared.logprobs import token_logprobs
+from shared.sampling import cat_rollouts, generate
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", log=lambda *a: None)
+
+
+def prompts_for(tok):
+    return [chat_prompt(tok, "What is 2+2?"), chat_prompt(tok, "Hi"), chat_prompt(tok, "A longer question here?")]
+
+
+def test_shapes_and_group_layout(tiny):
+    model, tok = tiny
+    prompts = prompts_for(tok)
+    torch.manual_seed(0)
+    r = generate(model, tok, prompts, n=4, max_new_tokens=12)
+    N = len(prompts) * 4
+    assert r.prompt_ids.shape[0] == r.prompt_mask.shape[0] == N and r.truncated.shape == (N,) and len(r.texts) == N
+    assert r.completion_ids.shape == r.completion_mask.shape and r.completion_ids.shape[0] == N
+    assert r.completion_ids.shape[1] <= 12 and r.completion_mask.dtype == torch.float32
+    for i, prompt in enumerate(prompts):
+        rows = slice(i * 4, (i + 1) * 4)
+        # The n samples of prompt i are adjacent and share its (left-padded) prompt.
+        assert (r.prompt_ids[rows] == r.prompt_ids[i * 4]).all()
+        real = r.prompt_ids[i * 4][r.prompt_mask[i * 4].bool()]
+        assert real.tolist() == tok(prompt, add_special_tokens=False).input_ids
+        # Left padding: the mask is 0...0 1...1 and padding holds pad_token_id.
+        mask = r.prompt_mask[i * 4]
+        assert mask.tolist() == sorted(mask.tolist())
+        assert (r.prompt_ids[i * 4][mask == 0] == tok.pad_token_id).all()
+    assert len({tuple(row.tolist()) for row in r.completion_ids}) > 1  # samples differ
+
+
+def test_completion_mask_stops_at_first_eos_and_flags_truncation(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    # A random model ends a row with EOS (1 of 259 tokens) now and then: 64 rows x 30 tokens gives both kinds.
+    r = generate(model, tok, prompts_for(tok)[:2], n=32, max_new_tokens=30)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert r.truncated.any() and (~r.truncated).any(), "want rows of both kinds for this seed"
+    for ids, mask, truncated in zip(r.completion_ids, r.completion_mask, r.truncated):
+        kept = ids[mask.bool()]
+        assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # 1...1 0...0
+        assert (ids[mask == 0] == pad).all()
+        if truncated:  # no EOS at all within max_new_tokens: every one of the 30 tokens counts
+            assert len(kept) == 30 and eos not in kept.tolist()
+        else:  # the mask ends exactly at the first EOS, which is included
+            assert kept[-1] == eos and eos not in kept[:-1].tolist()
+
+
+def test_tiny_budget_truncates_exactly_the_rows_without_eos(tiny):
+    model, tok = tiny
+    torch.manual_seed(1)
+    r = generate(model, tok, prompts_for(tok), n=100, max_new_tokens=1)
+    assert r.completion_ids.shape == (300, 1)
+    assert r.truncated.tolist() == (r.completion_ids[:, 0] != tok.eos_token_id).tolist()
+    assert (r.completion_mask == 1).all()  # one token each, EOS or not
+
+
+def test_texts_are_the_decoded_masked_tokens(tiny):
+    model, tok = tiny
+    torch.manual_seed(2)
+    r = generate(model, tok, prompts_for(tok)[:1], n=32, max_new_tokens=30)
+    for text, ids, mask in zip(r.texts, r.completion_ids, r.completion_mask):
+        kept = ids[mask.bool()].tolist()
+        assert text == tok.decode(kept, skip_special_tokens=True)
+        # The tiny tokenizer is one token per byte (id = byte + 3): decoding is just bytes -> UTF-8.
+        assert text == bytes(i - 3 for i in kept if i >= 3).decode("utf-8", errors="replace")
+        assert "<|im_end|>" not in text and "<pad>" not in text
+
+
+def test_greedy_is_deterministic_and_chunking_changes_nothing(tiny):
+    model, tok = tiny
+    prompts = prompts_for(tok)
+    a = generate(model, tok, prompts, n=2, max_new_tokens=10, greedy=True)
+    b = generate(model, tok, prompts, n=2, max_new_tokens=10, greedy=True, batch_size=4)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert torch.equal(a.completion_ids[0], a.completion_ids[1])  # greedy: both samples of a group agree
+    # Sampling in chunks keeps shapes consistent too (chunks padded to a common width).
+    torch.manual_seed(0)
+    c = generate(model, tok, prompts, n=3, max_new_tokens=8, batch_size=2)
+    assert c.completion_ids.shape[0] == 9 and c.completion_mask.shape == c.completion_ids.shape
+
+
+def test_restores_training_mode(tiny):
+    model, tok = tiny
+    model.train()
+    generate(model, tok, prompts_for(tok)[:1], max_new_tokens=2)
+    assert model.training
+    model.eval()
+    generate(model, tok, prompts_for(tok)[:1], max_new_tokens=2)
+    assert not model.training
+
+
+def test_checkpoint_generation_defaults_do_not_distort_sampling():
+    """A checkpoint's generation_config may carry top_k / top_p / temperature / repetition penalty; the
+    sampler must ignore them. With top_k=3 in force every sampled token would be among the 3 likeliest."""
+    model, tok = load_model("tiny", device="cpu", log=lambda *a: None)
+    model.generation_config.update(top_k=3, top_p=0.5, temperature=0.05, repetition_penalty=3.0, do_sample=False)
+    torch.manual_seed(0)
+    r = generate(model, tok, prompts_for(tok)[:2], n=8, max_new_tokens=16)
+    ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1).long()
+    with torch.no_grad():
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = logits[:, r.prompt_ids.shape[1] - 1 : -1]  # the positions that predict completion tokens
+    rank = (logits > logits.gather(-1, r.completion_ids[..., None])).sum(-1)  # 0 = the likeliest token
+    in_top3 = (rank < 3)[r.completion_mask.bool()].float().mean().item()
+    assert in_top3 < 0.3, f"{in_top3:.0%} of sampled tokens in the top 3: a top_k leaked into sampling"
+
+
+def test_peft_model_generates(tiny):
+    model, tok = load_model("tiny", device="cpu", lora_r=2, log=lambda *a: None)
+    r = generate(model, tok, prompts_for(tok)[:1], n=2, max_new_tokens=4, greedy=True)
+    assert r.completion_ids.shape[0] == 2
+
+
+def test_cat_rollouts_selects_and_repads_rows(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    a = generate(model, tok, [chat_prompt(tok, "Hi")], n=4, max_new_tokens=6)
+    b = generate(model, tok, [chat_prompt(tok, "A much longer question than the first one?")], n=4, max_new_tokens=12)
+    rows = [[3, 1], [0, 2, 3]]
+    c = cat_rollouts([a, b], rows)
+    picked = [(a, 3), (a, 1), (b, 0), (b, 2), (b, 3)]
+    assert len(c) == 5 and c.texts == [r.texts[i] for r, i in picked]
+    assert c.truncated.tolist() == [bool(r.truncated[i]) for r, i in picked]
+    assert c.prompt_ids.shape[1] == b.prompt_ids.shape[1]  # the widest prompt, nothing wider
+    assert c.completion_ids.shape[1] == int(c.completion_mask.sum(1).max())
+    for k, (r, i) in enumerate(picked):  # same real tokens, re-padded with pad_token_id
+        assert c.prompt_ids[k][c.prompt_mask[k].bool()].equal(r.prompt_ids[i][r.prompt_mask[i].bool()])
+        assert c.completion_ids[k][c.completion_mask[k].bool()].equal(r.completion_ids[i][r.completion_mask[i].bool()])
+        assert (c.prompt_ids[k][c.prompt_mask[k] == 0] == tok.pad_token_id).all()
+        assert (c.completion_ids[k][c.completion_mask[k] == 0] == tok.pad_token_id).all()
+    with torch.no_grad():  # and the log-probs of each row are unchanged
+        got = token_logprobs(model, c.prompt_ids, c.prompt_mask, c.completion_ids, c.completion_mask)
+        for k, (r, i) in enumerate(picked):
+            want = token_logprobs(model, r.prompt_ids[i : i + 1], r.prompt_mask[i : i + 1],
+                                  r.completion_ids[i : i + 1], r.completion_mask[i : i + 1])[0]
+            n = int(r.completion_mask[i].sum())
+            torch.testing.assert_close(got[k, :n], want[:n], rtol=0, atol=1e-5)
+    assert len(cat_rollouts([a], [[]])) == 0
