@@ -34,7 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/nft.py` finds `shared`
 
 import dataclasses
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,16 +41,12 @@ from typing import Literal
 
 import torch
 import tyro
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from shared.evaluation import evaluate
 from shared.logprobs import token_logprobs
 from shared.models import DEFAULT_MODEL, load_model
 from shared.rollouts import PromptStream, rollout_logprobs, sample_groups
-from shared.run import (MetricsLogger, load_checkpoint, make_run_dir, merge_resumed_args, rng_state,
-                        save_args, save_checkpoint, seed_everything, set_rng_state)
+from shared.run import Run, seed_everything
 from shared.tasks import load_task
 
 
@@ -188,26 +183,16 @@ def informative_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
-    if args.resume:
-        args = merge_resumed_args(Path(args.resume), args, Args)
+    run = Run("rft" if args.rft else "nft", args, Args)  # accelerator, run dir, metrics (shared/run.py)
+    args, accelerator, log = run.args, run.accelerator, run.log
     if args.rft:  # the paper's RFT: positives only, unweighted
         args = dataclasses.replace(args, neg_weight=0.0, prompt_weight="one")
     algo = "rft" if args.rft else "nft"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo under torchrun
     world, device = accelerator.num_processes, accelerator.device
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora_r:
         raise SystemExit("--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-
-    run_dir = Path(args.resume) if args.resume else None
-    if run_dir is None:  # every process must agree on the directory: the main one names it
-        name = [str(make_run_dir(algo, args.task, args.seed, args.output_dir)) if accelerator.is_main_process else ""]
-        run_dir = Path(broadcast_object_list(name)[0])
-    if accelerator.is_main_process:
-        save_args(run_dir, args)
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, args.track, args.wandb_project, args)
 
     seed_everything(args.seed)
     model, tokenizer = load_model(args.model, device=device, lora_r=args.lora_r, seed=args.seed, log=log,
@@ -217,32 +202,13 @@ def main(args: Args) -> dict:
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    stream = PromptStream(len(task.train), args.seed)
-
-    step = 0
-    if args.resume:
-        state = load_checkpoint(run_dir, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, stream.cursor = state["step"], state["cursor"]
-        set_rng_state(state["rng"][accelerator.process_index])
-        log(f"resumed {run_dir} at step {step}")
-    else:
-        seed_everything(args.seed + accelerator.process_index)  # different samples on each process
+    state = run.restore(model, optimizer, scheduler)
+    step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
 
     def checkpoint():
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        save_checkpoint(run_dir, model, tokenizer, {"step": step, "cursor": stream.cursor, "rng": rngs,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, accelerator)
+        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=stream.cursor)
 
-    def run_eval():
-        t = time.time()
-        res = evaluate(model, tokenizer, task, task.test, args.max_new_tokens, accelerator=accelerator)
-        logger.log({f"eval/{k}": v for k, v in res.items()} | {"perf/eval_s": time.time() - t}, step)
-        log(f"step {step}: held-out greedy accuracy {res['accuracy']:.3f} on {len(task.test)} problems")
-        return res
-
-    before = run_eval() if step == 0 else None
+    before = run.evaluate(model, tokenizer, task, step, args.max_new_tokens) if step == 0 else None
     last_eval = before
     bar = tqdm(total=args.total_steps, initial=step, desc=algo, disable=not accelerator.is_main_process)
     try:
@@ -313,24 +279,24 @@ def main(args: Args) -> dict:
                 "nft/neg_weight": args.neg_weight, "nft/rhat": g(rhat).mean().item(),
                 "nft/dropped_frac": groups.dropped_frac, "nft/raw_accuracy": groups.raw_accuracy, "nft/gen_batches": groups.gen_batches,
                 "perf/step_s": step_s, "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s}
-            logger.log(metrics, step)
+            run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", gnorm=f"{metrics['train/grad_norm']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
-                last_eval = run_eval()
+                last_eval = run.evaluate(model, tokenizer, task, step, args.max_new_tokens)
             if step % args.save_every == 0 or step == args.total_steps:
                 checkpoint()
     except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume {run_dir}")
+        log(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume {run.dir}")
         checkpoint()
         raise
     finally:
         bar.close()
-        logger.close()
+        run.logger.close()
     if before is not None:
         log(f"held-out greedy accuracy: before {before['accuracy']:.3f}, after {last_eval['accuracy']:.3f}")
-    log(f"run directory: {run_dir}")
-    return {"run_dir": str(run_dir), "before": before, "after": last_eval, "policy": accelerator.unwrap_model(model)}
+    log(f"run directory: {run.dir}")
+    return {"run_dir": str(run.dir), "before": before, "after": last_eval, "policy": accelerator.unwrap_model(model)}
 
 
 if __name__ == "__main__":

@@ -179,3 +179,70 @@ def load_checkpoint(run_dir: Path, model) -> dict:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing={missing} unexpected={unexpected}")
     return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------- a run
+class Run:
+    """The plumbing every LM training script starts with, in one place:
+
+        run = Run("grpo", args, Args)         # accelerator, run dir, args.json, metrics logger
+        args = run.args                       # with --resume: the saved args, overridden by given flags
+        ...build model, optimizer, scheduler; accelerator.prepare(...)
+        state = run.restore(model, optimizer, scheduler)   # {} for a new run, else step, cursor, ...
+        run.evaluate(model, tokenizer, task, step, max_new_tokens)   # logs eval/* and prints one line
+        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=...)
+
+    `Accelerator(cpu=True)` when there is no GPU is what makes `torchrun --nproc_per_node N` use gloo.
+    """
+
+    def __init__(self, algo: str, args: Any, args_cls: type):
+        from accelerate import Accelerator
+        from accelerate.utils import broadcast_object_list
+
+        if args.resume:
+            args = merge_resumed_args(Path(args.resume), args, args_cls)
+        self.args = args
+        self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.log = print if acc.is_main_process else (lambda *a, **k: None)
+        if args.resume:
+            self.dir = Path(args.resume)
+        else:  # every process must agree on the directory: the main one names it
+            name = [str(make_run_dir(algo, args.task, args.seed, args.output_dir)) if acc.is_main_process else ""]
+            self.dir = Path(broadcast_object_list(name)[0])
+        if acc.is_main_process:
+            save_args(self.dir, args)
+        self.logger = MetricsLogger(self.dir, acc.is_main_process, args.track, args.wandb_project, args)
+
+    def restore(self, model, optimizer, scheduler) -> dict:
+        """A new run: seed each process differently (seed + rank) so they sample different answers.
+        A resumed run: load weights, optimizer, scheduler and this process's RNG states; return the
+        saved extras (step, cursor, ...)."""
+        acc = self.accelerator
+        if not self.args.resume:
+            seed_everything(self.args.seed + acc.process_index)
+            return {}
+        state = load_checkpoint(self.dir, acc.unwrap_model(model))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        scheduler.load_state_dict(state.pop("scheduler"))
+        set_rng_state(state.pop("rng")[acc.process_index])
+        self.log(f"resumed {self.dir} at step {state['step']}")
+        return state
+
+    def save(self, model, tokenizer, optimizer, scheduler, **extras) -> None:
+        """Checkpoint (every process calls this): weights, optimizer, scheduler, every process's RNG."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        save_checkpoint(self.dir, model, tokenizer, {**extras, "rng": rngs, "optimizer": optimizer.state_dict(),
+                                                     "scheduler": scheduler.state_dict()}, acc)
+
+    def evaluate(self, model, tokenizer, task, step: int, max_new_tokens: int) -> dict:
+        """Greedy accuracy on the held-out split, logged as eval/* at `step`."""
+        from shared.evaluation import evaluate
+
+        t = time.time()
+        res = evaluate(model, tokenizer, task, task.test, max_new_tokens, accelerator=self.accelerator)
+        self.logger.log({f"eval/{k}": v for k, v in res.items()} | {"perf/eval_s": time.time() - t}, step)
+        self.log(f"step {step}: held-out greedy accuracy {res['accuracy']:.3f} on {len(task.test)} problems")
+        return res
