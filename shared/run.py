@@ -18,6 +18,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,10 @@ def load_checkpoint(run_dir: Path, model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- a run
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Run:
     """The plumbing every LM training script starts with, in one place:
 
@@ -212,6 +218,8 @@ class Run:
         if acc.is_main_process:
             save_args(self.dir, args)
         self.logger = MetricsLogger(self.dir, acc.is_main_process, args.track, args.wandb_project, args)
+        if threading.current_thread() is threading.main_thread():  # `kill`/preemption: checkpoint like Ctrl-C
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
     def restore(self, model, optimizer, scheduler) -> dict:
         """A new run: seed each process differently (seed + rank) so they sample different answers.

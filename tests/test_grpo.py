@@ -271,3 +271,29 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert h0 == h1
     rows = _metrics(_only_run(tmp_path / "runs"))
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # logged once, by the main process
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "algos" / "grpo.py")] + TINY[:-4] + [
+        "--total-steps", "500", "--eval-every", "1000", "--save-every", "1000", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until at least one training step is logged
+        runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
+        if runs and any("train/loss" in r for r in _metrics(runs[0])):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted at step" in out, out[-2000:]
+    run = _only_run(tmp_path)
+    step = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    logged = [r["step"] for r in _metrics(run) if "train/loss" in r]
+    assert step >= 1 and logged[-1] == step  # nothing logged was lost
+    _run(["--resume", str(run), "--total-steps", str(step + 1)], tmp_path)
+    assert [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step + 1
