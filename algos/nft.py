@@ -201,7 +201,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: accelerate would step it per process
     state = run.restore(model, optimizer, scheduler)
     step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
 

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def save_args(run_dir: Path, args: Any) -> None:
 
 def merge_resumed_args(run_dir: Path, cli_args: Any, cls: type) -> Any:
     """The `Args` a resumed run continues with: the run's saved args.json, overridden by every flag
-    given on this command line with a non-default value (e.g. a larger `--total-steps`)."""
+    given on this command line (e.g. a larger `--total-steps`) and by every field of `cli_args`
+    that differs from its default (for callers that build `Args(...)` in Python)."""
     path = Path(run_dir) / "args.json"
     if not path.exists():
         raise SystemExit(f"--resume: {run_dir} is not a run directory (no args.json)")
@@ -75,7 +77,9 @@ def merge_resumed_args(run_dir: Path, cli_args: Any, cls: type) -> Any:
     merged = {}
     for f in dataclasses.fields(cls):
         given = getattr(cli_args, f.name)
-        changed = given != getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        on_command_line = any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
+        changed = on_command_line or given != getattr(defaults, f.name)
         merged[f.name] = given if changed or f.name not in saved else saved[f.name]
     merged["resume"] = str(run_dir)
     return cls(**merged)

@@ -1,0 +1,89 @@
+"""Run plumbing: resumed args, metrics file, atomic checkpoints, RNG round trip, the prompt stream."""
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from shared.models import load_model
+from shared.rollouts import PromptStream
+from shared.run import (MetricsLogger, load_checkpoint, merge_resumed_args, read_metrics, rng_state,
+                        save_args, save_checkpoint, set_rng_state)
+
+
+@dataclass
+class A:
+    total_steps: int = 10
+    lr: float = 1e-5
+    resume: str | None = None
+
+
+def test_resumed_args_keep_saved_values_unless_a_flag_is_given(tmp_path, monkeypatch):
+    save_args(tmp_path, A(total_steps=3, lr=0.5))
+    monkeypatch.setattr(sys, "argv", ["x", "--resume", str(tmp_path)])
+    merged = merge_resumed_args(tmp_path, A(resume=str(tmp_path)), A)
+    assert (merged.total_steps, merged.lr, merged.resume) == (3, 0.5, str(tmp_path))
+    # a flag given explicitly wins even when it equals the default
+    monkeypatch.setattr(sys, "argv", ["x", "--resume", str(tmp_path), "--total-steps", "10"])
+    assert merge_resumed_args(tmp_path, A(resume=str(tmp_path)), A).total_steps == 10
+    # Python callers: a non-default field wins
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert merge_resumed_args(tmp_path, A(lr=0.1, resume=str(tmp_path)), A).lr == 0.1
+    with pytest.raises(SystemExit, match="not a run directory"):
+        merge_resumed_args(tmp_path / "nope", A(), A)
+
+
+def test_metrics_logger_appends_json_lines(tmp_path):
+    for start in (1, 3):  # a resumed run appends to the same file
+        log = MetricsLogger(tmp_path)
+        log.log({"train/loss": torch.tensor(0.5), "eval/accuracy": 1}, step=start)
+        log.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 3] and rows[0]["train/loss"] == 0.5
+    MetricsLogger(tmp_path / "other", enabled=False).log({"x": 1}, 0)  # non-main processes write nothing
+    assert not (tmp_path / "other").exists()
+
+
+def test_checkpoint_round_trip_and_atomic_swap(tmp_path):
+    model, tok = load_model("tiny", device="cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 5, 7]])).logits.sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, tok, {"step": 1, "optimizer": opt.state_dict()})
+    (tmp_path / "checkpoint.tmp").mkdir()  # debris of a save killed half-way must not matter
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save_checkpoint(tmp_path, model, tok, {"step": 2, "optimizer": opt.state_dict()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+    fresh, _ = load_model("tiny", device="cpu", seed=1)
+    state = load_checkpoint(tmp_path, fresh)
+    assert state["step"] == 2
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing", fresh)
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def test_prompt_stream_is_seeded_resumable_and_covers_each_epoch():
+    a = PromptStream(10, seed=3)
+    first = a.take(25)
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert first[:10] != first[10:20]  # a new permutation every epoch
+    b = PromptStream(10, seed=3)
+    b.take(7)
+    resumed = PromptStream(10, seed=3, cursor=b.cursor)
+    assert b.take(5) == resumed.take(5) == first[7:12]
+    assert PromptStream(10, seed=4).take(10) != first[:10]
