@@ -244,15 +244,15 @@ def main(args: Args) -> dict:
     state = run.restore(model, optimizer, scheduler)
     step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
 
-    def checkpoint():
-        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=stream.cursor)
+    def checkpoint(cursor):  # `cursor`: where the prompt stream stood after the last completed step
+        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=cursor)
 
     before = run.evaluate(model, tokenizer, task, step, args.max_new_tokens) if step == 0 else None
     last_eval = before
     bar = tqdm(total=args.total_steps, initial=step, desc="grpo", disable=not accelerator.is_main_process)
     try:
         while step < args.total_steps:
-            t0 = time.time()
+            t0, cursor = time.time(), stream.cursor  # an interrupted step is redone from here on resume
             model.eval()
             groups = sample_groups(
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
@@ -272,9 +272,9 @@ def main(args: Args) -> dict:
             all_rows = torch.arange(n_local, device=device)
 
             # π_old log-probs once per rollout; with a single on-policy update they equal logp.detach()
+            t1 = time.time()
             on_policy = args.num_iterations == 1 and mini >= n_local
             old_logp = None if on_policy else rollout_logprobs(model, ro, all_rows, args.temperature, args.micro_batch_size)
-            t1 = time.time()
             ref_logp = None
             if args.beta > 0:
                 if ref_model is not None:
@@ -282,7 +282,7 @@ def main(args: Args) -> dict:
                 else:  # LoRA: the base model without the adapter is π_ref
                     with accelerator.unwrap_model(model).disable_adapter():
                         ref_logp = rollout_logprobs(model, ro, all_rows, args.temperature, args.micro_batch_size)
-            t_ref = time.time() - t1
+            t_ref = time.time() - t1  # π_old (off-policy only) and π_ref forward passes
 
             # μ epochs × mini-batches; every mini-batch is one optimizer step (Alg. 1, step 6)
             model.train()
@@ -330,17 +330,19 @@ def main(args: Args) -> dict:
                 "train/lr": scheduler.get_last_lr()[0], "perf/step_s": step_s, "perf/gen_s": t_gen,
                 "perf/ref_s": t_ref, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s,
                 "grpo/zero_std_frac": 1 - mixed_groups(all_correct.cpu(), args.group_size).float().mean().item(),
-                "grpo/gen_batches": groups.gen_batches, "grpo/dropped_frac": groups.dropped_frac, "train/truncated_frac": g(ro.truncated).mean().item()}
+                "grpo/gen_batches": groups.gen_batches, "grpo/dropped_frac": groups.dropped_frac,
+                "train/truncated_frac": g(ro.truncated).mean().item()}
             run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", acc=f"{metrics['train/accuracy']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
                 last_eval = run.evaluate(model, tokenizer, task, step, args.max_new_tokens)
+            cursor = stream.cursor
             if step % args.save_every == 0 or step == args.total_steps:
-                checkpoint()
+                checkpoint(cursor)
     except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume {run.dir}")
-        checkpoint()
+        log(f"\ninterrupted after step {step}: saving a checkpoint; continue with --resume {run.dir}")
+        checkpoint(cursor)
         raise
     finally:
         bar.close()

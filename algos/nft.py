@@ -205,15 +205,15 @@ def main(args: Args) -> dict:
     state = run.restore(model, optimizer, scheduler)
     step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
 
-    def checkpoint():
-        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=stream.cursor)
+    def checkpoint(cursor):  # `cursor`: where the prompt stream stood after the last completed step
+        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=cursor)
 
     before = run.evaluate(model, tokenizer, task, step, args.max_new_tokens) if step == 0 else None
     last_eval = before
     bar = tqdm(total=args.total_steps, initial=step, desc=algo, disable=not accelerator.is_main_process)
     try:
         while step < args.total_steps:
-            t0 = time.time()
+            t0, cursor = time.time(), stream.cursor  # an interrupted step is redone from here on resume
             model.eval()
             # 1–3. sample K answers per question, verify, keep groups with 0 < r̂ < 1
             groups = sample_groups(
@@ -284,11 +284,12 @@ def main(args: Args) -> dict:
             bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", gnorm=f"{metrics['train/grad_norm']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
                 last_eval = run.evaluate(model, tokenizer, task, step, args.max_new_tokens)
+            cursor = stream.cursor
             if step % args.save_every == 0 or step == args.total_steps:
-                checkpoint()
+                checkpoint(cursor)
     except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: saving a checkpoint; continue with --resume {run.dir}")
-        checkpoint()
+        log(f"\ninterrupted after step {step}: saving a checkpoint; continue with --resume {run.dir}")
+        checkpoint(cursor)
         raise
     finally:
         bar.close()

@@ -44,7 +44,7 @@ def run_ours(a) -> dict:
 
     out = main(Args(model=a.model, task="arith", seed=a.seed, total_steps=a.steps, batch_size=a.batch_size,
                     group_size=a.group_size, max_new_tokens=a.max_new_tokens, lr=a.lr, beta=a.beta,
-                    n_test=4, eval_every=10**6, save_every=10**6, micro_batch_size=a.batch_size * a.group_size,
+                    n_test=4, eval_every=10**6, save_every=10**6,
                     output_dir=str(ROOT / "runs" / "bench")))
     steps = [r["perf/step_s"] for r in read_metrics(Path(out["run_dir"])) if "perf/step_s" in r]
     return {"step_s": steps, "peak_mb": peak_memory_mb(), "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")}
@@ -87,8 +87,12 @@ def run_trl(a) -> dict:
         gradient_accumulation_steps=1, max_completion_length=a.max_new_tokens, temperature=1.0,
         loss_type="grpo", scale_rewards="group", logging_steps=1, save_strategy="no", report_to=[],
         seed=a.seed, bf16=use_cuda, use_cpu=not use_cuda, dataloader_num_workers=0, lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=1.0)
-    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[reward], args=config,
+        warmup_steps=0, max_grad_norm=1.0, model_init_kwargs={"dtype": "bfloat16" if use_cuda else "float32"})
+    # TRL builds its reference model from the policy's path when β > 0, so hand it a directory
+    model_dir = ROOT / "runs" / "bench" / "trl_model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    trainer = GRPOTrainer(model=str(model_dir), processing_class=tokenizer, reward_funcs=[reward], args=config,
                           train_dataset=dataset, callbacks=[Timer()])
     trainer.train()
     return {"step_s": times, "peak_mb": peak_memory_mb()}

@@ -32,7 +32,7 @@ from shared.run import read_metrics  # noqa: E402
 def run_all(a) -> list[dict]:
     common = dict(model=a.model, task="arith", level=a.level, seed=a.seed, total_steps=a.steps, batch_size=a.batch_size,
                   group_size=a.group_size, max_new_tokens=a.max_new_tokens, lr=a.lr, n_test=a.n_test,
-                  eval_every=a.eval_every, save_every=10**6, output_dir=str(Path(a.out) / "runs"))
+                  eval_every=a.eval_every, save_every=10**6, output_dir=str(ROOT / "runs" / "compare"))
     methods = [("GRPO (β=0.04)", grpo.main, grpo.Args(**common)),
                ("NFT (ω = 1 − r̂)", nft.main, nft.Args(**common)),
                ("RFT", nft.main, nft.Args(**common, rft=True))]

@@ -290,7 +290,7 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "interrupted at step" in out, out[-2000:]
+    assert proc.returncode != 0 and "interrupted after step" in out, out[-2000:]
     run = _only_run(tmp_path)
     step = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
     logged = [r["step"] for r in _metrics(run) if "train/loss" in r]

@@ -1,6 +1,5 @@
 """Run plumbing: resumed args, metrics file, atomic checkpoints, RNG round trip, the prompt stream."""
 
-import json
 import random
 import sys
 from dataclasses import dataclass
