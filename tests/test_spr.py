@@ -294,7 +294,7 @@ def test_smoke_run_writes_metrics_and_checkpoint_and_resume_continues(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tmp_path):
     flags = ["--env-id", "PongNoFrameskip-v4", "--learning-starts", "100000", "--eval-episodes", "0",
-             "--log-every", "50", "--total-steps", "100000", "--output-dir", str(tmp_path)]
+             "--log-every", "50", "--total-steps", "100000", "--buffer-size", "5000", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "algos" / "spr.py"), *flags], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -309,6 +309,6 @@ def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tmp_path):
     step = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
     assert step >= 50
     proc = run_spr("--env-id", "PongNoFrameskip-v4", "--learning-starts", "100000", "--eval-episodes", "0",
-                   "--total-steps", str(step + 10), "--resume", str(run_dir))
+                   "--buffer-size", "5000", "--total-steps", str(step + 10), "--resume", str(run_dir))
     assert proc.returncode == 0 and f"at step {step} " in proc.stdout, proc.stderr[-2000:]
     assert torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == step + 10
