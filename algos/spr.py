@@ -37,6 +37,7 @@ import copy
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -492,6 +493,9 @@ def save_checkpoint(run_dir: pathlib.Path, step: int, n_updates: int, nets: dict
 
 def main(args: Args):
     game, algo = game_name(args.env_id), "spr" if args.spr else "der"
+    # Ctrl-C and `kill` both checkpoint (SIGINT arrives ignored in jobs started with `&` or nohup)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.resume:
         run_dir = pathlib.Path(args.resume)
     else:

@@ -181,10 +181,12 @@ def test_cache_is_written_atomically(tmp_path):
 
 # --- the real model ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_loads_from_gguf_and_cache():
-    """First call: whatever source is available (converting the GGUF into our cache if needed, ~30 s);
-    second call: must come from a cache, in a few seconds."""
+def test_smollm2_loads_from_gguf_and_cache(monkeypatch, tmp_path):
+    """First call, with an empty cache: the embedded GGUF is converted (~30-50 s) unless the model
+    is in the Hugging Face cache; second call: from our cache."""
     from shared.sampling import generate
+
+    monkeypatch.setenv("SELF_IMPROVE_CACHE", str(tmp_path))
 
     lines = []
     start = time.perf_counter()
@@ -196,9 +198,10 @@ def test_smollm2_loads_from_gguf_and_cache():
     print(f"SmolLM2 load: first {first:.1f}s, second {second:.1f}s")
     print("\n".join(lines))
     assert len(lines) == 2
-    assert any(s in lines[0] for s in ("embedded GGUF", "our cache", "Hugging Face cache")), lines[0]
+    assert any(s in lines[0] for s in ("embedded GGUF", "Hugging Face cache")), lines[0]
     assert "our cache" in lines[1] or "Hugging Face cache" in lines[1], lines[1]
-    assert second < 5.0
+    if "embedded GGUF" in lines[0]:
+        assert (tmp_path / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
 
     n_params = sum(p.numel() for p in model.parameters())
     assert abs(n_params / 1e6 - 134.5) < 0.1
