@@ -47,15 +47,13 @@ from typing import Literal
 
 import torch
 import tyro
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from shared.evaluation import evaluate
 from shared.logprobs import token_logprobs
 from shared.models import DEFAULT_MODEL, chat_prompt, load_model
-from shared.run import (MetricsLogger, load_checkpoint, make_run_dir, merge_resumed_args, rng_state,
-                        save_args, save_checkpoint, seed_everything, set_rng_state)
+from shared.run import Run, seed_everything
 from shared.sampling import generate
 from shared.tasks import load_task
 
@@ -402,10 +400,8 @@ class ProcessReward:
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
-    if args.resume:
-        args = merge_resumed_args(Path(args.resume), args, Args)
-    args = resolve_mode(args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo under torchrun
+    run = Run(args.mode, args, Args)  # accelerator, run directory, args.json, metrics (shared/run.py)
+    args, accelerator, log, run_dir = resolve_mode(run.args), run.accelerator, run.log, run.dir
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
@@ -413,15 +409,6 @@ def main(args: Args) -> dict:
         raise SystemExit("--mode bstar searches its temperature on a query subset: --subset-size must be ≥ 1")
     if (args.load_in_4bit or args.load_in_8bit) and not args.lora_r:
         raise SystemExit("--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-
-    run_dir = Path(args.resume) if args.resume else None
-    if run_dir is None:  # every process must agree on the directory: the main one names it
-        name = [str(make_run_dir(args.mode, args.task, args.seed, args.output_dir)) if accelerator.is_main_process else ""]
-        run_dir = Path(broadcast_object_list(name)[0])
-    if accelerator.is_main_process:
-        save_args(run_dir, args)
-    logger = MetricsLogger(run_dir, accelerator.is_main_process, args.track, args.wandb_project, args)
 
     seed_everything(args.seed)
     model, tokenizer = load_model(args.model, device=device, lora_r=args.lora_r, seed=args.seed, log=log,
@@ -437,16 +424,8 @@ def main(args: Args) -> dict:
     M, K = len(task.train), args.group_size
     nstar = n_star(args.num_selected or round(M * K * 67500 / (11500 * 64)), M)
 
-    it, best = 0, {"accuracy": -1.0, "iteration": 0}
-    if args.resume:
-        state = load_checkpoint(run_dir, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        it, best = state["iteration"], state["best"]
-        set_rng_state(state["rng"][rank])
-        log(f"resumed {run_dir} after iteration {it}")
-    else:
-        seed_everything(args.seed + rank)  # different samples on each process
+    state = run.restore(model, optimizer, scheduler)  # a new run: each process reseeded with seed + rank
+    it, best = state.get("iteration", 0), state.get("best", {"accuracy": -1.0, "iteration": 0})
 
     prompt_of = lambda p: chat_prompt(tokenizer, p.prompt, task.system_prompt)  # noqa: E731  the context x
     hint_of = lambda p: chat_prompt(tokenizer, hint_question(p, args.hint_template, task.mode), task.system_prompt)  # noqa: E731
@@ -483,15 +462,13 @@ def main(args: Args) -> dict:
             if accelerator.is_main_process:
                 accelerator.unwrap_model(model).save_pretrained(run_dir / "best")
                 tokenizer.save_pretrained(run_dir / "best")
-        logger.log({f"eval/{k}": v for k, v in res.items()} | {"star/best_accuracy": best["accuracy"],
+        run.logger.log({f"eval/{k}": v for k, v in res.items()} | {"star/best_accuracy": best["accuracy"],
                    "star/best_iteration": best["iteration"], "perf/eval_s": time.time() - t}, it)
         log(f"iteration {it}: dev greedy accuracy {res['accuracy']:.3f} on {len(task.test)} questions")
         return res
 
     def checkpoint():
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        save_checkpoint(run_dir, model, tokenizer, {"iteration": it, "best": best, "rng": rngs,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, accelerator)
+        run.save(model, tokenizer, optimizer, scheduler, iteration=it, best=best)
 
     before = run_eval() if it == 0 else None
     last_eval, stale = before, 0
@@ -551,7 +528,7 @@ def main(args: Args) -> dict:
                         "train/lr": scheduler.get_last_lr()[0], "train/scheduler_step": scheduler.last_epoch,
                         "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/iter_s": time.time() - t0,
                         "perf/tokens_per_s": sums["tokens"] / max(t_update, 1e-9)}
-            logger.log(metrics, it)
+            run.logger.log(metrics, it)
             log(f"iteration {it}: t={t_i} τ={tau_i} selected {len(examples)} ({metrics['star/rationalized']} "
                 f"rationalized), {steps} SFT steps, loss {sums['loss']:.3f}")
             last_eval = run_eval()
@@ -567,7 +544,7 @@ def main(args: Args) -> dict:
         raise
     finally:
         bar.close()
-        logger.close()
+        run.logger.close()
     log(f"best dev accuracy {best['accuracy']:.3f} at iteration {best['iteration']} (weights in {run_dir / 'best'})")
     log(f"run directory: {run_dir}")
     return {"run_dir": str(run_dir), "before": before, "after": last_eval, "best": best,

@@ -237,7 +237,8 @@ class Run:
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
         set_rng_state(state.pop("rng")[acc.process_index])
-        self.log(f"resumed {self.dir} at step {state['step']}")
+        where = ", ".join(f"{k} {v}" for k, v in state.items() if isinstance(v, int))
+        self.log(f"resumed {self.dir} after {where}")
         return state
 
     def save(self, model, tokenizer, optimizer, scheduler, **extras) -> None:
