@@ -482,9 +482,10 @@ def save_checkpoint(run_dir: pathlib.Path, step: int, n_updates: int, nets: dict
              **{k: v.state_dict() for k, v in nets.items()},
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    for name, obj in (("replay.pt", replay.state_dict()), ("trainer_state.pt", state)):
-        torch.save(obj, ckpt / f"{name}.tmp")
-        os.replace(ckpt / f"{name}.tmp", ckpt / name)  # trainer_state last: it marks a complete checkpoint
+    torch.save(replay.state_dict(), ckpt / "replay.pt.tmp")
+    torch.save(state, ckpt / "trainer_state.pt.tmp")
+    for name in ("replay.pt", "trainer_state.pt"):  # both written before either replaces the old pair
+        os.replace(ckpt / f"{name}.tmp", ckpt / name)
     torch.save(nets["net"].state_dict(), ckpt / "model.pt")
 
 
@@ -496,10 +497,7 @@ def main(args: Args):
     # Ctrl-C and `kill` both checkpoint (SIGINT arrives ignored in jobs started with `&` or nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if args.resume:
-        run_dir = pathlib.Path(args.resume)
-    else:
-        run_dir = pathlib.Path(args.output_dir) / f"{algo}__{game}__{args.seed}__{int(time.time())}"
+    run_dir = pathlib.Path(args.resume or f"{args.output_dir}/{algo}__{game}__{args.seed}__{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)

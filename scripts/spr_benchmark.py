@@ -182,9 +182,18 @@ def compare(env_id: str = "BoxingNoFrameskip-v4", steps: int = 20_000, seed: int
     plot(env_id=env_id, seed=seed, out_dir=out_dir)
 
 
+def speed_rows(lines: list[dict], learning_starts: int, lo: int, hi: int) -> tuple[float, float, float]:
+    """Medians over the 1000-step log windows in (lo, hi] after warm-up: steps/s, env ms/step, ms/update."""
+    w = [x for x in lines if "perf/steps_per_s" in x and x["step"] > max(lo, learning_starts + 1000) and x["step"] <= hi]
+    if not w:
+        return float("nan"), float("nan"), float("nan")
+    return tuple(float(np.median([x[k] for x in w])) * f for k, f in
+                 (("perf/steps_per_s", 1), ("perf/env_s", 1e3), ("perf/update_s", 1e3)))
+
+
 def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "runs/spr_compare", hardware: str = "",
-         tag: str = ""):
-    """Learning curves (raw training game returns, 10-game moving average; evaluations as dots) and a table.
+         tag: str = "", speed_phases: str = ""):
+    """Learning curves (raw training game returns, 10-game moving average; evaluations as dots) and tables.
 
     Args:
         env_id: the game.
@@ -192,6 +201,8 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
         out_dir: where `compare` put the runs.
         hardware: what the runs ran on (default: this machine's CPU).
         tag: suffix of the file names in docs/spr/.
+        speed_phases: "name:lo-hi,name:lo-hi": step ranges whose speeds are reported apart (e.g. when a run
+            was resumed with more threads); default one phase over the whole run.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -204,6 +215,8 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
             "| method | agent steps | final eval return (mean ± std, episodes) | eval HNS | random | "
             "last ≤10 training games | paper 100k |", "|---|---|---|---|---|---|---|"]
     paper = PAPER_100K.get(game, (float("nan"), float("nan")))
+    evals, speeds = {}, {}
+    phases = [(p.split(":")[0], *map(int, p.split(":")[1].split("-"))) for p in speed_phases.split(",") if p]
     for algo, label, paper_score in (("spr", "SPR", paper[0]), ("der", "DER (--no-spr)", paper[1])):
         run = find_run(out, algo, game, seed)
         if run is None:
@@ -215,24 +228,43 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
             smooth = np.convolve(r, np.ones(10) / 10, mode="valid") if len(r) >= 10 else r
             (line,) = ax.plot(s[len(s) - len(smooth):], smooth, label=f"{label}, training games")
         ev = [x for x in lines if "eval/return_mean" in x]
+        evals[label] = {x["step"]: x for x in ev}
         if ev:
             ax.errorbar([x["step"] for x in ev], [x["eval/return_mean"] for x in ev],
                         [x["eval/return_std"] for x in ev], fmt="o", capsize=3,
                         color=line.get_color() if ep else None, label=f"{label}, eval")
         perf = [x for x in lines if "perf/steps_per_s" in x]
         last = ev[-1] if ev else {}
-        steps_done = perf[-1]["step"] if perf else 0
+        steps_done = max([perf[-1]["step"] if perf else 0] + [x["step"] for x in ev])
         eval_txt = (f"{last['eval/return_mean']:.1f} ± {last['eval/return_std']:.1f} ({last['eval/episodes']})"
                     if last else "-")
         hns = f"{human_normalized_score(game, last['eval/return_mean']):.3f}" if last else "-"
         rows.append(f"| {label} | {steps_done} | {eval_txt} | {hns} | {RANDOM_SCORES[game]} | "
                     f"{np.mean([r for _, r in ep[-10:]]) if ep else float('nan'):.1f} | {paper_score} |")
+        learning_starts = json.loads((run / "args.json").read_text())["learning_starts"]
+        for name, lo, hi in phases or [("whole run", 0, 10**9)]:
+            speeds[(label, name)] = speed_rows(lines, learning_starts, lo, hi)
     ax.axhline(RANDOM_SCORES[game], color="gray", ls="--", label="random")
-    ax.set(xlabel="agent steps", ylabel="training game return (raw)", title=f"{game}: SPR vs DER, seed {seed}")
+    ax.set(xlabel="agent steps", ylabel="game return (raw)", title=f"{game}: SPR vs DER, seed {seed}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(DOCS / f"learning_curves_{game}{tag}.png", dpi=120)
-    rows += ["", f"hardware: {hardware or device_name(torch.device('cpu'))} (speed: the runs' perf/* metrics); "
+    labels = list(evals)
+    common = sorted(set.intersection(*(set(v) for v in evals.values()))) if evals else []
+    if common:
+        rows += ["", "Evaluations at the steps both runs reached (mean ± std of the raw return):", "",
+                 "| agent steps | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        rows += [f"| {st} | " + " | ".join(f"{evals[k][st]['eval/return_mean']:.1f} ± {evals[k][st]['eval/return_std']:.1f}"
+                                           for k in labels) + " |" for st in common]
+    rows += ["", "Speed: medians over the 1000-step log windows after warm-up (a window holding an evaluation "
+             "is slower). SPR part = SPR's update time minus DER's in the same phase.", "",
+             "| method | phase | steps/s | env + acting ms/step | ms/update | SPR part ms/update |",
+             "|---|---|---|---|---|---|"]
+    for (label, name), (sps, env_ms, upd_ms) in speeds.items():
+        der_ms = speeds.get(("DER (--no-spr)", name), (0, 0, float("nan")))[2]
+        part = f"{upd_ms - der_ms:.0f} ({(upd_ms - der_ms) / upd_ms:.0%})" if label == "SPR" else ""
+        rows.append(f"| {label} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
+    rows += ["", f"hardware: {hardware or device_name(torch.device('cpu'))}; "
              "paper column: 100k steps, mean of 10 seeds (SPR: spec §7; DER: mila-iqia/spr table). "
              f"Plot: learning_curves_{game}{tag}.png"]
     (DOCS / f"results_{game}{tag}.md").write_text("\n".join(rows) + "\n")
