@@ -193,7 +193,7 @@ def speed_rows(lines: list[dict], learning_starts: int, lo: int, hi: int) -> tup
 
 def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "runs/spr_compare", hardware: str = "",
          tag: str = "", speed_phases: str = ""):
-    """Learning curves (raw training game returns, 10-game moving average; evaluations as dots) and tables.
+    """Learning curves (raw training game returns and their moving average; evaluations with error bars) and tables.
 
     Args:
         env_id: the game.
@@ -201,8 +201,8 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
         out_dir: where `compare` put the runs.
         hardware: what the runs ran on (default: this machine's CPU).
         tag: suffix of the file names in docs/spr/.
-        speed_phases: "name:lo-hi,name:lo-hi": step ranges whose speeds are reported apart (e.g. when a run
-            was resumed with more threads); default one phase over the whole run.
+        speed_phases: "name:lo-hi;spr=name:lo-hi": step ranges whose speeds are reported apart (e.g. when a run
+            was resumed with more threads), a "spr=" or "der=" prefix for one run only; default: the whole run.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -216,7 +216,8 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
             "last ≤10 training games | paper 100k |", "|---|---|---|---|---|---|---|"]
     paper = PAPER_100K.get(game, (float("nan"), float("nan")))
     evals, speeds = {}, {}
-    phases = [(p.split(":")[0], *map(int, p.split(":")[1].split("-"))) for p in speed_phases.split(",") if p]
+    phases = [(a, n, *map(int, r.split("-"))) for a, _, p in (x.rpartition("=") for x in speed_phases.split(";") if x)
+              for n, r in [p.split(":")]]
     for algo, label, paper_score in (("spr", "SPR", paper[0]), ("der", "DER (--no-spr)", paper[1])):
         run = find_run(out, algo, game, seed)
         if run is None:
@@ -225,8 +226,10 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
         ep = [(x["step"], x["train/episodic_return"]) for x in lines if "train/episodic_return" in x]
         if ep:
             s, r = map(np.array, zip(*ep))
-            smooth = np.convolve(r, np.ones(10) / 10, mode="valid") if len(r) >= 10 else r
-            (line,) = ax.plot(s[len(s) - len(smooth):], smooth, label=f"{label}, training games")
+            w = 10 if len(r) >= 50 else 3  # a Boxing game is ~1780 steps: a short run holds few games
+            smooth = np.convolve(r, np.ones(w) / w, mode="valid") if len(r) >= w else r
+            (line,) = ax.plot(s[len(s) - len(smooth):], smooth, label=f"{label}, training games ({w}-game mean)")
+            ax.plot(s, r, ".", color=line.get_color(), alpha=0.4)
         ev = [x for x in lines if "eval/return_mean" in x]
         evals[label] = {x["step"]: x for x in ev}
         if ev:
@@ -242,8 +245,9 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
         rows.append(f"| {label} | {steps_done} | {eval_txt} | {hns} | {RANDOM_SCORES[game]} | "
                     f"{np.mean([r for _, r in ep[-10:]]) if ep else float('nan'):.1f} | {paper_score} |")
         learning_starts = json.loads((run / "args.json").read_text())["learning_starts"]
-        for name, lo, hi in phases or [("whole run", 0, 10**9)]:
-            speeds[(label, name)] = speed_rows(lines, learning_starts, lo, hi)
+        for only, name, lo, hi in phases or [("", "whole run", 0, 10**9)]:
+            if only in ("", algo):
+                speeds[(label, name)] = speed_rows(lines, learning_starts, lo, hi)
     ax.axhline(RANDOM_SCORES[game], color="gray", ls="--", label="random")
     ax.set(xlabel="agent steps", ylabel="game return (raw)", title=f"{game}: SPR vs DER, seed {seed}")
     ax.legend()
@@ -262,7 +266,7 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
              "|---|---|---|---|---|---|"]
     for (label, name), (sps, env_ms, upd_ms) in speeds.items():
         der_ms = speeds.get(("DER (--no-spr)", name), (0, 0, float("nan")))[2]
-        part = f"{upd_ms - der_ms:.0f} ({(upd_ms - der_ms) / upd_ms:.0%})" if label == "SPR" else ""
+        part = f"{upd_ms - der_ms:.0f} ({(upd_ms - der_ms) / upd_ms:.0%})" if label == "SPR" and der_ms == der_ms else ""
         rows.append(f"| {label} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
     rows += ["", f"hardware: {hardware or device_name(torch.device('cpu'))}; "
              "paper column: 100k steps, mean of 10 seeds (SPR: spec §7; DER: mila-iqia/spr table). "
