@@ -36,7 +36,6 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import copy
 import json
 import os
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ import tyro
 from tqdm import tqdm
 
 from shared.atari import game_name, human_normalized_score, make_env
+from shared.run import make_run_dir, rng_state, save_args, seed_everything, set_rng_state
 
 
 @dataclass
@@ -479,9 +479,7 @@ def save_checkpoint(run_dir: pathlib.Path, step: int, n_updates: int, nets: dict
     ckpt = run_dir / "checkpoint"
     ckpt.mkdir(exist_ok=True)
     state = {"step": step, "n_updates": n_updates, "optimizer": optimizer.state_dict(),
-             **{k: v.state_dict() for k, v in nets.items()},
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+             **{k: v.state_dict() for k, v in nets.items()}, "rng": rng_state()}
     torch.save(replay.state_dict(), ckpt / "replay.pt.tmp")
     torch.save(state, ckpt / "trainer_state.pt.tmp")
     for name in ("replay.pt", "trainer_state.pt"):  # both written before either replaces the old pair
@@ -497,10 +495,10 @@ def main(args: Args):
     # Ctrl-C and `kill` both checkpoint (SIGINT arrives ignored in jobs started with `&` or nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    run_dir = pathlib.Path(args.resume or f"{args.output_dir}/{algo}__{game}__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    run_dir = pathlib.Path(args.resume) if args.resume else make_run_dir(algo, game, args.seed, args.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a --resume directory without a checkpoint starts fresh
+    save_args(run_dir, args)
+    seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     env = make_env(args.env_id, args.seed, train=True, max_episode_frames=args.max_episode_frames)
@@ -512,16 +510,14 @@ def main(args: Args):
     assert args.learning_starts > replay.horizon + 3, "warm-up must fill at least one full sequence"
     start, n_updates = 0, 0
     if args.resume and (run_dir / "checkpoint" / "trainer_state.pt").exists():
-        state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location=device, weights_only=False)
+        # on the CPU: RNG states must stay CPU tensors; weights and Adam moments move to the params' device
+        state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
         for k, module in nets.items():
             module.load_state_dict(state[k])
         optimizer.load_state_dict(state["optimizer"])
         replay.load_state_dict(torch.load(run_dir / "checkpoint" / "replay.pt", weights_only=False))
         replay.dones[(replay.t - 1) % replay.cap] = True  # the interrupted game is cut here
-        random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         start, n_updates = state["step"], state["n_updates"]
         print(f"resumed {run_dir} at step {start} ({replay.t} transitions in replay)")
     loss_fn = torch.compile(compute_losses) if args.compile else compute_losses
