@@ -31,6 +31,7 @@ from shared.atari import RANDOM_SCORES, game_name, human_normalized_score, make_
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "spr"
 # 100k-step scores: SPR from the paper (spec §7); DER as tabulated in mila-iqia/spr src/rlpyt_utils.py
+LABELS = {"spr": "SPR", "der": "DER (--no-spr)"}
 PAPER_100K = {"Boxing": (35.8, 0.2), "Breakout": (17.1, 1.9), "Kangaroo": (3276.4, 779.3), "Pong": (-5.9, -19.3),
               "MsPacman": (1313.2, 1204.1), "Seaquest": (583.1, 354.1), "Alien": (801.5, 739.9)}
 
@@ -182,9 +183,21 @@ def compare(env_id: str = "BoxingNoFrameskip-v4", steps: int = 20_000, seed: int
     plot(env_id=env_id, seed=seed, out_dir=out_dir)
 
 
-def speed_rows(lines: list[dict], learning_starts: int, lo: int, hi: int) -> tuple[float, float, float]:
-    """Medians over the 1000-step log windows in (lo, hi] after warm-up: steps/s, env ms/step, ms/update."""
-    w = [x for x in lines if "perf/steps_per_s" in x and x["step"] > max(lo, learning_starts + 1000) and x["step"] <= hi]
+def parse_phases(spec: str) -> list[tuple[str, str, int, int]]:
+    """"name:lo-hi;spr=name:lo-hi" -> [("", name, lo, hi), ("spr", name, lo, hi)]; "": the whole run."""
+    phases = []
+    for item in filter(None, spec.split(";")):
+        only, _, rest = item.rpartition("=")
+        name, _, span = rest.partition(":")
+        lo, hi = map(int, span.split("-"))
+        phases.append((only, name, lo, hi))
+    return phases or [("", "whole run", 0, 10**9)]
+
+
+def speed_rows(lines: list[dict], first_full_window: int, lo: int, hi: int) -> tuple[float, float, float]:
+    """Medians over the log windows ending in (lo, hi], from `first_full_window` on: steps/s, env ms/step,
+    ms/update."""
+    w = [x for x in lines if "perf/steps_per_s" in x and max(lo + 1, first_full_window) <= x["step"] <= hi]
     if not w:
         return float("nan"), float("nan"), float("nan")
     return tuple(float(np.median([x[k] for x in w])) * f for k, f in
@@ -215,10 +228,8 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
             "| method | agent steps | final eval return (mean ± std, episodes) | eval HNS | random | "
             "last ≤10 training games | paper 100k |", "|---|---|---|---|---|---|---|"]
     paper = PAPER_100K.get(game, (float("nan"), float("nan")))
-    evals, speeds = {}, {}
-    phases = [(a, n, *map(int, r.split("-"))) for a, _, p in (x.rpartition("=") for x in speed_phases.split(";") if x)
-              for n, r in [p.split(":")]]
-    for algo, label, paper_score in (("spr", "SPR", paper[0]), ("der", "DER (--no-spr)", paper[1])):
+    evals, speeds = {}, {}  # label -> {step: eval record}; (algo, phase) -> speed_rows(...)
+    for (algo, label), paper_score in zip(LABELS.items(), paper):
         run = find_run(out, algo, game, seed)
         if run is None:
             continue
@@ -244,10 +255,12 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
         hns = f"{human_normalized_score(game, last['eval/return_mean']):.3f}" if last else "-"
         rows.append(f"| {label} | {steps_done} | {eval_txt} | {hns} | {RANDOM_SCORES[game]} | "
                     f"{np.mean([r for _, r in ep[-10:]]) if ep else float('nan'):.1f} | {paper_score} |")
-        learning_starts = json.loads((run / "args.json").read_text())["learning_starts"]
-        for only, name, lo, hi in phases or [("", "whole run", 0, 10**9)]:
+        run_args = json.loads((run / "args.json").read_text())
+        # the first window of updates is left out (compilation and first allocations land there)
+        first_full_window = run_args["learning_starts"] + 2 * run_args["log_every"]
+        for only, name, lo, hi in parse_phases(speed_phases):
             if only in ("", algo):
-                speeds[(label, name)] = speed_rows(lines, learning_starts, lo, hi)
+                speeds[(algo, name)] = speed_rows(lines, first_full_window, lo, hi)
     ax.axhline(RANDOM_SCORES[game], color="gray", ls="--", label="random")
     ax.set(xlabel="agent steps", ylabel="game return (raw)", title=f"{game}: SPR vs DER, seed {seed}")
     ax.legend()
@@ -264,10 +277,12 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
              "is slower). SPR part = SPR's update time minus DER's in the same phase.", "",
              "| method | phase | steps/s | env + acting ms/step | ms/update | SPR part ms/update |",
              "|---|---|---|---|---|---|"]
-    for (label, name), (sps, env_ms, upd_ms) in speeds.items():
-        der_ms = speeds.get(("DER (--no-spr)", name), (0, 0, float("nan")))[2]
-        part = f"{upd_ms - der_ms:.0f} ({(upd_ms - der_ms) / upd_ms:.0%})" if label == "SPR" and der_ms == der_ms else ""
-        rows.append(f"| {label} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
+    for (algo, name), (sps, env_ms, upd_ms) in speeds.items():
+        part = ""
+        if algo == "spr" and ("der", name) in speeds:
+            spr_ms = upd_ms - speeds[("der", name)][2]
+            part = f"{spr_ms:.0f} ({spr_ms / upd_ms:.0%})"
+        rows.append(f"| {LABELS[algo]} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
     rows += ["", f"hardware: {hardware or device_name(torch.device('cpu'))}; "
              "paper column: 100k steps, mean of 10 seeds (SPR: spec §7; DER: mila-iqia/spr table). "
              f"Plot: learning_curves_{game}{tag}.png"]
