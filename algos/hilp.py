@@ -42,7 +42,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ import tqdm
 import tyro
 
 from shared.maze import Maze2D, load_dataset, save_dataset, spearman
+from shared.run import make_run_dir, save_args
 
 
 @dataclass
@@ -428,9 +429,8 @@ def main(args):
         args = Args(**saved)
         run_dir = args.resume
     else:
-        run_dir = os.path.join(args.output_dir, f"hilp__{args.env}__{args.seed}__{int(time.time())}")
-        os.makedirs(run_dir, exist_ok=True)
-    json.dump(asdict(args), open(os.path.join(run_dir, "args.json"), "w"), indent=2)
+        run_dir = str(make_run_dir("hilp", args.env, args.seed, args.output_dir))
+    save_args(run_dir, args)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -444,7 +444,8 @@ def main(args):
 
     ckpt_path = os.path.join(run_dir, "checkpoint", "trainer_state.pt")
     if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        # on the CPU: the RNG state must stay a CPU tensor; load_state_dict moves the rest to the device
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         agent.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
