@@ -1,7 +1,10 @@
 """Sampling completions: prompts in, a padded batch of token ids and masks out.
 
 The interface is deliberately narrow (`generate` returns a `Rollout`) so that a faster backend
-(vLLM) can replace the Hugging Face one without touching the algorithms.
+(vLLM) can replace the Hugging Face one without touching the algorithms. A prompt is either
+chat-templated text or a list of token ids; the second form is how a later turn of a conversation
+conditions on the exact tokens an earlier turn sampled (`continue_chats`), with no decode/re-encode
+round trip in between.
 
 The sampler draws from the plain softmax(logits / T) (optionally nucleus-truncated with top_p):
 no top-k, no repetition penalty, whatever the checkpoint's generation_config says. That is the
@@ -13,6 +16,7 @@ truncated distribution that the log-probs do not model; the papers we follow use
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +77,42 @@ def sampling_config(
     return config
 
 
+@contextmanager
+def neutral_generation_config(model):
+    """Within the block, `model.generation_config` holds only bos/eos/pad ids: transformers fills the
+    fields a passed GenerationConfig leaves unset (min_p, epsilon_cutoff, ...) from the model's own,
+    so a checkpoint's sampling defaults would otherwise leak into `generate`."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def encode_prompts(tokenizer, prompts: list[str] | list[list[int]]) -> tuple[LongTensor, LongTensor]:
+    """Left-padded (ids, mask) for prompts given as chat-templated text or as lists of token ids.
+
+    Text is tokenized without special tokens of its own (the chat template already wrote any BOS)."""
+    if prompts and not isinstance(prompts[0], str):
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if len(p):
+                ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+                mask[i, width - len(p):] = 1
+        return ids, mask
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
 @torch.no_grad()
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     n: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -85,7 +120,7 @@ def generate(
     greedy: bool = False,
     batch_size: int | None = None,
 ) -> Rollout:
-    """Sample n completions for each prompt (already chat-templated text) with `model.generate`.
+    """Sample n completions for each prompt (chat-templated text, or token ids) with `model.generate`.
 
     batch_size: rows (prompt copies) per `generate` call; None = all N rows at once.
     Uses the global torch RNG (seed it for reproducible samples).
@@ -96,22 +131,23 @@ def generate(
     config = sampling_config(eos_ids, pad_id, max_new_tokens, temperature, top_p, greedy)
 
     # Tokenize every prompt once (left padding: all prompts end at the same column), then repeat
-    # each n times so that the n samples of a prompt sit in adjacent rows. The chat template already
-    # wrote any BOS text, so the tokenizer adds no special tokens of its own.
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    # each n times so that the n samples of a prompt sit in adjacent rows.
+    ids, mask = encode_prompts(tokenizer, prompts)
     device = gen_model.device
-    prompt_ids = enc.input_ids.repeat_interleave(n, dim=0).to(device)
-    prompt_mask = enc.attention_mask.repeat_interleave(n, dim=0).to(device)
+    prompt_ids = ids.repeat_interleave(n, dim=0).to(device)
+    prompt_mask = mask.repeat_interleave(n, dim=0).to(device)
 
     was_training = gen_model.training
     gen_model.eval()
+    hf_model = gen_model.get_base_model() if hasattr(gen_model, "get_base_model") else gen_model  # under peft
     try:
         chunks = []
         step = batch_size or len(prompt_ids)
-        for start in range(0, len(prompt_ids), step):
-            ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
-            out = gen_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            chunks.append(out[:, ids.shape[1] :])  # keep only the new tokens
+        with neutral_generation_config(hf_model):
+            for start in range(0, len(prompt_ids), step):
+                ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+                out = gen_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                chunks.append(out[:, ids.shape[1] :])  # keep only the new tokens
     finally:
         gen_model.train(was_training)
 
@@ -162,3 +198,44 @@ def cat_rollouts(rollouts: list[Rollout], rows: list[list[int]] | None = None) -
     return Rollout(
         prompt_ids[:, p], prompt_mask[:, p], completion_ids[:, c], completion_mask[:, c], texts, truncated, pad
     )
+
+
+# ---------------------------------------------------------------------------------------- multi-turn
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat ([{"role": ..., "content": ...}, ...]) rendered by the tokenizer's chat
+    template, ending where the assistant starts its next turn. A prompt for `generate`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def turn_separator(tokenizer, user: str) -> list[int]:
+    """The tokens the chat template writes after an assistant turn's end-of-turn token, for a new user
+    message `user`, up to where the assistant starts again ("\\n<|im_start|>user\\n{user}<|im_end|>\\n
+    <|im_start|>assistant\\n" in ChatML). Found by rendering a chat with a placeholder answer."""
+    marker = "\x00ANSWER\x00"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}, {"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    after = text[text.index(marker) + len(marker):]
+    if not after.startswith(tokenizer.eos_token):
+        raise ValueError("the chat template does not end an assistant turn with the tokenizer's EOS token")
+    return tokenizer(after[len(tokenizer.eos_token):], add_special_tokens=False).input_ids
+
+
+def next_turn_prompts(tokenizer, ro: Rollout, user_messages: list[str]) -> list[list[int]]:
+    """Prompts (token ids) for the next turn of each row of `ro`: the row's prompt and sampled answer,
+    token for token as they were generated (no decode/re-encode), the end-of-turn token (added when
+    the answer was truncated before it), then `user_messages[i]` in the chat template's format.
+    `generate(model, tokenizer, next_turn_prompts(...), n=...)` then samples the next turn, and its
+    Rollout's completion mask covers the new turn only."""
+    if len(user_messages) != len(ro):
+        raise ValueError(f"{len(user_messages)} user messages for {len(ro)} rows")
+    separators: dict[str, list[int]] = {}
+    out = []
+    for i, message in enumerate(user_messages):
+        if message not in separators:
+            separators[message] = turn_separator(tokenizer, message)
+        prompt = ro.prompt_ids[i][ro.prompt_mask[i].bool()].tolist()
+        answer = ro.completion_ids[i][ro.completion_mask[i].bool()].tolist()
+        end = [tokenizer.eos_token_id] if bool(ro.truncated[i]) else []
+        out.append(prompt + answer + end + separators[message])
+    return out

@@ -150,3 +150,52 @@ def test_cat_rollouts_selects_and_repads_rows(tiny):
             n = int(r.completion_mask[i].sum())
             torch.testing.assert_close(got[k, :n], want[:n], rtol=0, atol=1e-5)
     assert len(cat_rollouts([a], [[]])) == 0
+
+
+def test_min_p_and_other_unset_fields_of_the_checkpoint_config_do_not_leak():
+    """transformers fills every field our GenerationConfig leaves unset from the model's own config;
+    a checkpoint's min_p = 0.9 would keep only the likeliest token. `generate` swaps in a neutral
+    config while it runs (and puts the model's back afterwards)."""
+    model, tok = load_model("tiny", device="cpu", log=lambda *a: None)
+    model.generation_config.update(min_p=0.9, epsilon_cutoff=0.5, top_k=1)
+    saved = model.generation_config
+    torch.manual_seed(0)
+    r = generate(model, tok, prompts_for(tok)[:1], n=16, max_new_tokens=1)
+    assert len(set(r.completion_ids[:, 0].tolist())) > 4, "min_p/top_k of the checkpoint leaked into sampling"
+    assert model.generation_config is saved and model.generation_config.min_p == 0.9
+
+
+def test_token_id_prompts_sample_like_the_same_text(tiny):
+    model, tok = tiny
+    prompts = prompts_for(tok)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    torch.manual_seed(3)
+    a = generate(model, tok, prompts, n=2, max_new_tokens=6)
+    torch.manual_seed(3)
+    b = generate(model, tok, ids, n=2, max_new_tokens=6)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+
+
+def test_next_turn_prompt_holds_the_first_turns_exact_tokens_and_masks_only_the_new_turn(tiny):
+    from shared.sampling import chat_ids, next_turn_prompts
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    first = generate(model, tok, [chat_prompt(tok, "What is 2+2?")], n=4, max_new_tokens=12)
+    assert first.truncated.any(), "want a truncated first turn for this seed"
+    second_prompts = next_turn_prompts(tok, first, ["Check your answer."] * 4)
+    second = generate(model, tok, second_prompts, n=2, max_new_tokens=5)
+    for i in range(4):
+        answer = first.completion_ids[i][first.completion_mask[i].bool()].tolist()
+        prompt = first.prompt_ids[i][first.prompt_mask[i].bool()].tolist()
+        turn2 = second.prompt_ids[2 * i][second.prompt_mask[2 * i].bool()].tolist()
+        assert turn2[:len(prompt) + len(answer)] == prompt + answer  # the sampled tokens themselves
+        if not first.truncated[i]:  # the same chat rendered by the template, when it round-trips
+            msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": first.texts[i]},
+                    {"role": "user", "content": "Check your answer."}]
+            assert turn2 == chat_ids(tok, msgs)
+        else:  # a cut-off answer is closed with the end-of-turn token before the next user message
+            assert turn2[len(prompt) + len(answer)] == tok.eos_token_id
+    # the new rollout's completion mask covers only turn-2 tokens: at most max_new_tokens per row
+    assert (second.completion_mask.sum(1) <= 5).all() and second.completion_mask.shape[1] <= 5
