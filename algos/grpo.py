@@ -34,60 +34,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/grpo.py` finds `shared`
 
-import copy
 import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import tyro
 from tqdm.auto import tqdm
 
+from shared.args import StepArgs, cli
 from shared.logprobs import token_logprobs
 from shared.rollouts import PromptStream, rollout_logprobs, sample_groups
-from shared.models import DEFAULT_MODEL, load_model
-from shared.run import Run, seed_everything
-from shared.tasks import load_task
+from shared.run import Run
 
 
 @dataclass
-class Args:
-    # ---- experiment
-    model: str = DEFAULT_MODEL
-    """model name, local path, or `tiny` (a random test model built in code)"""
-    task: str = "arith"
-    """`arith`, `countdown` (built in, offline) or an HF dataset name: `gsm8k`, `math500`, `countdown-hf`"""
-    level: int = 1
-    """difficulty level of a built-in task (arith 1 = two-digit addition)"""
-    seed: int = 0
-    """seed of the task split, the model init (`tiny`), sampling and shuffling"""
-    output_dir: str = "runs"
-    """runs land in `{output_dir}/grpo__{task}__{seed}__{time}/`"""
-    resume: str | None = None
-    """run directory to resume from its `checkpoint/` (its args.json is reused; flags you pass override)"""
-    track: bool = False
-    """also log to TensorBoard in the run directory"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project"""
-    total_steps: int = 12
-    """number of rollout steps (M in Alg. 1)"""
-    eval_every: int = 6
-    """greedy held-out evaluation every this many steps (and always before and after training)"""
-    save_every: int = 6
-    """checkpoint every this many steps (and at the end, and on Ctrl-C)"""
-    n_train: int = 2000
-    """training problems drawn from the task"""
-    n_test: int = 200
-    """held-out problems for evaluation"""
-    lora_r: int = 0
-    """LoRA rank (0 = full fine-tuning)"""
-    load_in_4bit: bool = False
-    """4-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
-    load_in_8bit: bool = False
-    """8-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
-
+class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, ...) come from shared/args.py
     # ---- algorithm
     variant: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     """preset for the fields below left at None: DeepSeekMath GRPO, Dr. GRPO, or DAPO"""
@@ -95,12 +59,6 @@ class Args:
     """B: questions per rollout step"""
     group_size: int = 8
     """G: answers sampled per question"""
-    max_new_tokens: int = 24
-    """L_max: generation budget per answer"""
-    temperature: float = 1.0
-    """sampling temperature T; log-probs use logits / T"""
-    lr: float = 1e-5
-    """AdamW learning rate (1e-6 in the papers at 7B–32B; 1e-5 suits a 135M model)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     warmup_steps: int = 0
@@ -135,6 +93,13 @@ class Args:
     """DAPO: truncated answers masked out (`filter`) or shaped reward (`soft`, Eq. 13)"""
     overlong_cache: int | None = None
     """L_cache of the soft overlong punishment (default max_new_tokens // 4)"""
+
+    RULES: ClassVar[dict[str, str]] = {
+        "batch_size": "> 0", "group_size": ">= 2; a group of one has zero advantage", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+        "max_grad_norm": "> 0", "num_iterations": ">= 1", "mini_batch_size": "> 0", "micro_batch_size": "> 0",
+        "gen_batch_size": "> 0", "beta": ">= 0", "epsilon": "[0, 1]", "epsilon_high": ">= 0", "adv_eps": ">= 0",
+        "max_gen_batches": ">= 1", "overlong_cache": ">= 0"}
+    PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # questions are split across processes
 
 
 VARIANTS = {  # the fields a variant sets when they are left at None
@@ -222,37 +187,19 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, eps_low=0.2, eps_high=0.2,
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
-    run = Run("grpo", args, Args)  # accelerator, run directory, args.json, metrics (shared/run.py)
-    args, accelerator, log = resolve_variant(run.args), run.accelerator, run.log
+    run = Run("grpo", args, presets=resolve_variant)  # flags, resume, task, accelerator, run dir (shared/run.py)
+    args, accelerator, task = run.args, run.accelerator, run.task
     world, device = accelerator.num_processes, accelerator.device
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if (args.load_in_4bit or args.load_in_8bit) and not args.lora_r:
-        raise SystemExit("--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
+    lm = run.setup_lm(reference=args.beta > 0, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps)
+    model, tokenizer, optimizer, scheduler = lm.model, lm.tokenizer, lm.optimizer, lm.scheduler
+    step, stream = lm.state.get("step", 0), PromptStream(len(task.train), args.seed, lm.state.get("cursor", 0))
 
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, device=device, lora_r=args.lora_r, seed=args.seed, log=log,
-                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    ref_model = None
-    if args.beta > 0 and not args.lora_r:  # π_ref: a frozen copy of the initial policy
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    task = load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
-    model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: accelerate would step it per process
-    state = run.restore(model, optimizer, scheduler)
-    step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
-
-    def checkpoint(cursor):  # `cursor`: where the prompt stream stood after the last completed step
-        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=cursor)
-
-    before = run.evaluate(model, tokenizer, task, step, args.max_new_tokens) if step == 0 else None
-    last_eval = before
+    before = run.evaluate(lm, step, args.max_new_tokens) if step == 0 else None
+    last_eval, cursor = before, stream.cursor  # `cursor`: the prompt stream after the last completed step
     bar = tqdm(total=args.total_steps, initial=step, desc="grpo", disable=not accelerator.is_main_process)
     try:
         while step < args.total_steps:
-            t0, cursor = time.time(), stream.cursor  # an interrupted step is redone from here on resume
+            t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
             groups = sample_groups(
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
@@ -276,82 +223,74 @@ def main(args: Args) -> dict:
             on_policy = args.num_iterations == 1 and mini >= n_local
             old_logp = None if on_policy else rollout_logprobs(model, ro, all_rows, args.temperature, args.micro_batch_size)
             ref_logp = None
-            if args.beta > 0:
-                if ref_model is not None:
-                    ref_logp = rollout_logprobs(ref_model, ro, all_rows, args.temperature, args.micro_batch_size)
-                else:  # LoRA: the base model without the adapter is π_ref
-                    with accelerator.unwrap_model(model).disable_adapter():
-                        ref_logp = rollout_logprobs(model, ro, all_rows, args.temperature, args.micro_batch_size)
+            if args.beta > 0:  # π_ref: the frozen initial policy (with LoRA: the adapter disabled)
+                with lm.reference() as ref:
+                    ref_logp = rollout_logprobs(ref, ro, all_rows, args.temperature, args.micro_batch_size)
             t_ref = time.time() - t1  # π_old (off-policy only) and π_ref forward passes
 
             # μ epochs × mini-batches; every mini-batch is one optimizer step (Alg. 1, step 6)
             model.train()
             t2, sums = time.time(), {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
-            for _ in range(args.num_iterations):
-                for rows in torch.randperm(n_local, device=device).split(mini):
-                    num_tokens = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum")
-                    micro_rows = rows.split(args.micro_batch_size)
-                    for k, mrows in enumerate(micro_rows):
-                        sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
-                        with sync:
-                            logp = token_logprobs(model, ro.prompt_ids[mrows], ro.prompt_mask[mrows],
-                                                  ro.completion_ids[mrows], ro.completion_mask[mrows],
-                                                  temperature=args.temperature)
-                            loss, s = grpo_loss(
-                                logp, logp.detach() if old_logp is None else old_logp[mrows],
-                                None if ref_logp is None else ref_logp[mrows], adv[mrows],
-                                ro.completion_mask[mrows], eps_low=args.epsilon, eps_high=args.epsilon_high,
-                                beta=args.beta, loss_type=args.loss_type, num_seqs=len(rows) * world,
-                                num_tokens=num_tokens, max_len=args.max_new_tokens)
-                            accelerator.backward(loss * world)  # DDP averages; the normalisers are global
-                        sums["loss"] += loss.item() * world
-                        w = len(mrows) / len(rows)
-                        sums["kl"] += float(s.get("kl", 0.0)) * w
-                        sums["clip_frac"] += float(s["clip_frac"]) * w
-                    sums["grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    sums["n"] += 1
-            t_update = time.time() - t2
-            step += 1
+            with run.atomic():  # Ctrl-C / SIGTERM wait for the end of the update: no half-updated checkpoint
+                for _ in range(args.num_iterations):
+                    for rows in torch.randperm(n_local, device=device).split(mini):
+                        num_tokens = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum")
+                        micro_rows = rows.split(args.micro_batch_size)
+                        for k, mrows in enumerate(micro_rows):
+                            sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
+                            with sync:
+                                logp = token_logprobs(model, ro.prompt_ids[mrows], ro.prompt_mask[mrows],
+                                                      ro.completion_ids[mrows], ro.completion_mask[mrows],
+                                                      temperature=args.temperature)
+                                loss, s = grpo_loss(
+                                    logp, logp.detach() if old_logp is None else old_logp[mrows],
+                                    None if ref_logp is None else ref_logp[mrows], adv[mrows],
+                                    ro.completion_mask[mrows], eps_low=args.epsilon, eps_high=args.epsilon_high,
+                                    beta=args.beta, loss_type=args.loss_type, num_seqs=len(rows) * world,
+                                    num_tokens=num_tokens, max_len=args.max_new_tokens)
+                                accelerator.backward(loss * world)  # DDP averages; the normalisers are global
+                            sums["loss"] += loss.item() * world
+                            w = len(mrows) / len(rows)
+                            sums["kl"] += float(s.get("kl", 0.0)) * w
+                            sums["clip_frac"] += float(s["clip_frac"]) * w
+                        sums["grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        sums["n"] += 1
+                t_update = time.time() - t2
+                step, cursor = step + 1, stream.cursor
 
-            # ---- logging (means over every process)
-            g = lambda x: accelerator.gather_for_metrics(x.to(device).float())  # noqa: E731
-            all_rewards, all_correct, all_fmt = g(rewards), g(correct), g(formatted)
-            tokens = accelerator.reduce(ro.completion_mask.sum(), reduction="sum").item()
-            n = sums.pop("n")
-            step_s = time.time() - t0
-            metrics = {
-                "train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std().item(),
-                "train/accuracy": all_correct.mean().item(), "train/format_rate": all_fmt.mean().item(),
-                "train/loss": sums["loss"] / n, "train/kl": sums["kl"] / n, "grpo/clip_frac": sums["clip_frac"] / n,
-                "train/grad_norm": sums["grad_norm"] / n, "train/completion_len": tokens / max(all_rewards.numel(), 1),
-                "train/lr": scheduler.get_last_lr()[0], "perf/step_s": step_s, "perf/gen_s": t_gen,
-                "perf/ref_s": t_ref, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s,
-                "grpo/zero_std_frac": 1 - mixed_groups(all_correct.cpu(), args.group_size).float().mean().item(),
-                "grpo/gen_batches": groups.gen_batches, "grpo/dropped_frac": groups.dropped_frac,
-                "train/truncated_frac": g(ro.truncated).mean().item()}
-            run.logger.log(metrics, step)
+                # ---- logging (means over every process)
+                g = lambda x: accelerator.gather_for_metrics(x.to(device).float())  # noqa: E731
+                all_rewards, all_correct, all_fmt = g(rewards), g(correct), g(formatted)
+                tokens = accelerator.reduce(ro.completion_mask.sum(), reduction="sum").item()
+                n = sums.pop("n")
+                step_s = time.time() - t0
+                metrics = {
+                    "train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std().item(),
+                    "train/accuracy": all_correct.mean().item(), "train/format_rate": all_fmt.mean().item(),
+                    "train/loss": sums["loss"] / n, "train/kl": sums["kl"] / n, "grpo/clip_frac": sums["clip_frac"] / n,
+                    "train/grad_norm": sums["grad_norm"] / n, "train/completion_len": tokens / max(all_rewards.numel(), 1),
+                    "train/lr": scheduler.get_last_lr()[0], "perf/step_s": step_s, "perf/gen_s": t_gen,
+                    "perf/ref_s": t_ref, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s,
+                    "grpo/zero_std_frac": 1 - mixed_groups(all_correct.cpu(), args.group_size).float().mean().item(),
+                    "grpo/gen_batches": groups.gen_batches, "grpo/dropped_frac": groups.dropped_frac,
+                    "train/truncated_frac": g(ro.truncated).mean().item()}
+                run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", acc=f"{metrics['train/accuracy']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
-                last_eval = run.evaluate(model, tokenizer, task, step, args.max_new_tokens)
-            cursor = stream.cursor
+                last_eval = run.evaluate(lm, step, args.max_new_tokens)
             if step % args.save_every == 0 or step == args.total_steps:
-                checkpoint(cursor)
+                run.save(lm, step=step, cursor=cursor)
     except KeyboardInterrupt:
-        log(f"\ninterrupted after step {step}: saving a checkpoint; continue with --resume {run.dir}")
-        checkpoint(cursor)
+        run.save_on_interrupt(lm, f"step {step}", step=step, cursor=cursor)
         raise
     finally:
         bar.close()
-        run.logger.close()
-    if before is not None:
-        log(f"held-out greedy accuracy: before {before['accuracy']:.3f}, after {last_eval['accuracy']:.3f}")
-    log(f"run directory: {run.dir}")
-    return {"run_dir": str(run.dir), "before": before, "after": last_eval, "policy": accelerator.unwrap_model(model)}
-
+        run.close()
+    return run.summary(lm, before, last_eval)
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -37,55 +37,20 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import tyro
 from tqdm.auto import tqdm
 
+from shared.args import StepArgs, cli
 from shared.logprobs import token_logprobs
-from shared.models import DEFAULT_MODEL, load_model
 from shared.rollouts import PromptStream, rollout_logprobs, sample_groups
-from shared.run import Run, seed_everything
-from shared.tasks import load_task
+from shared.run import Run
 
 
 @dataclass
-class Args:
-    # ---- experiment
-    model: str = DEFAULT_MODEL
-    """model name, local path, or `tiny` (a random test model built in code)"""
-    task: str = "arith"
-    """`arith`, `countdown` (built in, offline) or an HF dataset name: `gsm8k`, `math500`, `countdown-hf`"""
-    level: int = 1
-    """difficulty level of a built-in task (arith 1 = two-digit addition)"""
-    seed: int = 0
-    """seed of the task split, the model init (`tiny`), sampling and shuffling"""
-    output_dir: str = "runs"
-    """runs land in `{output_dir}/nft__{task}__{seed}__{time}/` (`rft__...` with --rft)"""
-    resume: str | None = None
-    """run directory to resume from its `checkpoint/` (its args.json is reused; flags you pass override)"""
-    track: bool = False
-    """also log to TensorBoard in the run directory"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project"""
-    total_steps: int = 12
-    """number of rollout steps"""
-    eval_every: int = 6
-    """greedy held-out evaluation every this many steps (and always before and after training)"""
-    save_every: int = 6
-    """checkpoint every this many steps (and at the end, and on Ctrl-C)"""
-    n_train: int = 2000
-    """training problems drawn from the task"""
-    n_test: int = 200
-    """held-out problems for evaluation"""
-    lora_r: int = 0
-    """LoRA rank (0 = full fine-tuning)"""
-    load_in_4bit: bool = False
-    """4-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
-    load_in_8bit: bool = False
-    """8-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
-
+class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, ...) come from shared/args.py
     # ---- algorithm
     rft: bool = False
     """the paper's RFT baseline: negative answers get weight 0 and ω = 1 (pitfall 7)"""
@@ -93,12 +58,6 @@ class Args:
     """questions per rollout step (after dropping groups with r̂ ∈ {0, 1})"""
     group_size: int = 8
     """K: answers sampled per question"""
-    max_new_tokens: int = 24
-    """generation budget per answer (L_max)"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs use logits / T"""
-    lr: float = 1e-5
-    """AdamW learning rate (1e-6 in the paper at 7B/32B; 1e-5 suits a 135M model)"""
     weight_decay: float = 0.0
     """AdamW weight decay (0.1 in the paper)"""
     warmup_steps: int = 0
@@ -123,6 +82,13 @@ class Args:
     """token sum / C (official code) or / number of tokens (DAPO's token-level mean)"""
     loss_constant: float | None = None
     """C for `constant` (None = N·L_max of the mini-batch; the official code uses 1000)"""
+
+    RULES: ClassVar[dict[str, str]] = {
+        "batch_size": "> 0", "group_size": ">= 2; r̂ of a group of one is 0 or 1, which NFT drops",
+        "weight_decay": ">= 0", "warmup_steps": ">= 0", "max_grad_norm": "> 0", "mini_batch_size": "> 0",
+        "micro_batch_size": "> 0", "gen_batch_size": "> 0", "max_gen_batches": ">= 1", "neg_weight": ">= 0",
+        "epsilon": "> 0; log max_v(·, ε) needs ε > 0", "loss_constant": "> 0"}
+    PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # questions are split across processes
 
 
 # ------------------------------------------------------------------------------------ ALGO LOGIC
@@ -182,38 +148,26 @@ def informative_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ main
+def rft_preset(args: Args) -> Args:
+    """The paper's RFT: positives only, unweighted."""
+    return dataclasses.replace(args, neg_weight=0.0, prompt_weight="one") if args.rft else args
+
+
 def main(args: Args) -> dict:
-    run = Run("rft" if args.rft else "nft", args, Args)  # accelerator, run dir, metrics (shared/run.py)
-    args, accelerator, log = run.args, run.accelerator, run.log
-    if args.rft:  # the paper's RFT: positives only, unweighted
-        args = dataclasses.replace(args, neg_weight=0.0, prompt_weight="one")
     algo = "rft" if args.rft else "nft"
+    run = Run("nft", args, presets=rft_preset, label=algo)  # flags, resume, task, accelerator, run dir
+    args, accelerator, task = run.args, run.accelerator, run.task
     world, device = accelerator.num_processes, accelerator.device
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if (args.load_in_4bit or args.load_in_8bit) and not args.lora_r:
-        raise SystemExit("--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
+    lm = run.setup_lm(weight_decay=args.weight_decay, warmup_steps=args.warmup_steps)
+    model, tokenizer, optimizer, scheduler = lm.model, lm.tokenizer, lm.optimizer, lm.scheduler
+    step, stream = lm.state.get("step", 0), PromptStream(len(task.train), args.seed, lm.state.get("cursor", 0))
 
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, device=device, lora_r=args.lora_r, seed=args.seed, log=log,
-                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    task = load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
-    model, optimizer = accelerator.prepare(model, optimizer)  # not the scheduler: accelerate would step it per process
-    state = run.restore(model, optimizer, scheduler)
-    step, stream = state.get("step", 0), PromptStream(len(task.train), args.seed, state.get("cursor", 0))
-
-    def checkpoint(cursor):  # `cursor`: where the prompt stream stood after the last completed step
-        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=cursor)
-
-    before = run.evaluate(model, tokenizer, task, step, args.max_new_tokens) if step == 0 else None
-    last_eval = before
+    before = run.evaluate(lm, step, args.max_new_tokens) if step == 0 else None
+    last_eval, cursor = before, stream.cursor  # `cursor`: the prompt stream after the last completed step
     bar = tqdm(total=args.total_steps, initial=step, desc=algo, disable=not accelerator.is_main_process)
     try:
         while step < args.total_steps:
-            t0, cursor = time.time(), stream.cursor  # an interrupted step is redone from here on resume
+            t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
             # 1–3. sample K answers per question, verify, keep groups with 0 < r̂ < 1
             groups = sample_groups(
@@ -236,69 +190,64 @@ def main(args: Args) -> dict:
             # 6. one epoch of mini-batch updates with the NFT loss
             model.train()
             t2, sums = time.time(), {"loss": 0.0, "pos": 0.0, "neg": 0.0, "clip": 0.0, "grad_norm": 0.0, "n": 0}
-            for rows in torch.randperm(n_local, device=device).split(mini):
-                if args.loss_type == "constant":
-                    normaliser = args.loss_constant or len(rows) * world * args.max_new_tokens
-                else:
-                    normaliser = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum").clamp(min=1)
-                micro_rows = rows.split(args.micro_batch_size)
-                for k, mrows in enumerate(micro_rows):
-                    sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
-                    with sync:
-                        logp = token_logprobs(model, ro.prompt_ids[mrows], ro.prompt_mask[mrows],
-                                              ro.completion_ids[mrows], ro.completion_mask[mrows],
-                                              temperature=args.temperature)
-                        old = logp.detach() if old_logp is None else old_logp[mrows]
-                        loss, s = nft_loss(logp, old, correct[mrows], rhat[mrows], omega[mrows],
-                                           ro.completion_mask[mrows], eps=args.epsilon, neg_weight=args.neg_weight,
-                                           loss_type=args.loss_type, normaliser=normaliser)
-                        accelerator.backward(loss * world)  # DDP averages; the normaliser is global
-                    sums["loss"] += loss.item() * world
-                    sums["pos"] += s["pos_loss"].item() * world
-                    sums["neg"] += s["neg_loss"].item() * world
-                    sums["clip"] += s["proxy_clip_frac"].item() * len(mrows) / len(rows)
-                sums["grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                sums["n"] += 1
-            t_update = time.time() - t2
-            step += 1
+            with run.atomic():  # Ctrl-C / SIGTERM wait for the end of the update: no half-updated checkpoint
+                for rows in torch.randperm(n_local, device=device).split(mini):
+                    if args.loss_type == "constant":
+                        normaliser = args.loss_constant or len(rows) * world * args.max_new_tokens
+                    else:
+                        normaliser = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum").clamp(min=1)
+                    micro_rows = rows.split(args.micro_batch_size)
+                    for k, mrows in enumerate(micro_rows):
+                        sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
+                        with sync:
+                            logp = token_logprobs(model, ro.prompt_ids[mrows], ro.prompt_mask[mrows],
+                                                  ro.completion_ids[mrows], ro.completion_mask[mrows],
+                                                  temperature=args.temperature)
+                            old = logp.detach() if old_logp is None else old_logp[mrows]
+                            loss, s = nft_loss(logp, old, correct[mrows], rhat[mrows], omega[mrows],
+                                               ro.completion_mask[mrows], eps=args.epsilon, neg_weight=args.neg_weight,
+                                               loss_type=args.loss_type, normaliser=normaliser)
+                            accelerator.backward(loss * world)  # DDP averages; the normaliser is global
+                        sums["loss"] += loss.item() * world
+                        sums["pos"] += s["pos_loss"].item() * world
+                        sums["neg"] += s["neg_loss"].item() * world
+                        sums["clip"] += s["proxy_clip_frac"].item() * len(mrows) / len(rows)
+                    sums["grad_norm"] += float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    sums["n"] += 1
+                t_update = time.time() - t2
+                step, cursor = step + 1, stream.cursor
 
-            # ---- logging (means over every process)
-            g = lambda x: accelerator.gather_for_metrics(x.to(device).float())  # noqa: E731
-            all_correct, all_fmt = g(correct), g(groups.formatted)
-            tokens = accelerator.reduce(ro.completion_mask.sum(), reduction="sum").item()
-            n, step_s = sums.pop("n"), time.time() - t0
-            metrics = {
-                "train/reward": all_correct.mean().item(), "train/accuracy": all_correct.mean().item(),  # kept groups
-                "train/format_rate": all_fmt.mean().item(), "train/loss": sums["loss"] / n,
-                "train/grad_norm": sums["grad_norm"] / n, "train/completion_len": tokens / max(all_correct.numel(), 1),
-                "train/truncated_frac": g(ro.truncated).mean().item(), "train/lr": scheduler.get_last_lr()[0],
-                "nft/pos_loss": sums["pos"] / n, "nft/neg_loss": sums["neg"] / n, "nft/proxy_clip_frac": sums["clip"] / n,
-                "nft/neg_weight": args.neg_weight, "nft/rhat": g(rhat).mean().item(),
-                "nft/dropped_frac": groups.dropped_frac, "nft/raw_accuracy": groups.raw_accuracy, "nft/gen_batches": groups.gen_batches,
-                "perf/step_s": step_s, "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s}
-            run.logger.log(metrics, step)
+                # ---- logging (means over every process)
+                g = lambda x: accelerator.gather_for_metrics(x.to(device).float())  # noqa: E731
+                all_correct, all_fmt = g(correct), g(groups.formatted)
+                tokens = accelerator.reduce(ro.completion_mask.sum(), reduction="sum").item()
+                n, step_s = sums.pop("n"), time.time() - t0
+                metrics = {
+                    "train/reward": all_correct.mean().item(), "train/accuracy": all_correct.mean().item(),  # kept groups
+                    "train/format_rate": all_fmt.mean().item(), "train/loss": sums["loss"] / n,
+                    "train/grad_norm": sums["grad_norm"] / n, "train/completion_len": tokens / max(all_correct.numel(), 1),
+                    "train/truncated_frac": g(ro.truncated).mean().item(), "train/lr": scheduler.get_last_lr()[0],
+                    "nft/pos_loss": sums["pos"] / n, "nft/neg_loss": sums["neg"] / n, "nft/proxy_clip_frac": sums["clip"] / n,
+                    "nft/neg_weight": args.neg_weight, "nft/rhat": g(rhat).mean().item(),
+                    "nft/dropped_frac": groups.dropped_frac, "nft/raw_accuracy": groups.raw_accuracy, "nft/gen_batches": groups.gen_batches,
+                    "perf/step_s": step_s, "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s}
+                run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", gnorm=f"{metrics['train/grad_norm']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
-                last_eval = run.evaluate(model, tokenizer, task, step, args.max_new_tokens)
-            cursor = stream.cursor
+                last_eval = run.evaluate(lm, step, args.max_new_tokens)
             if step % args.save_every == 0 or step == args.total_steps:
-                checkpoint(cursor)
+                run.save(lm, step=step, cursor=cursor)
     except KeyboardInterrupt:
-        log(f"\ninterrupted after step {step}: saving a checkpoint; continue with --resume {run.dir}")
-        checkpoint(cursor)
+        run.save_on_interrupt(lm, f"step {step}", step=step, cursor=cursor)
         raise
     finally:
         bar.close()
-        run.logger.close()
-    if before is not None:
-        log(f"held-out greedy accuracy: before {before['accuracy']:.3f}, after {last_eval['accuracy']:.3f}")
-    log(f"run directory: {run.dir}")
-    return {"run_dir": str(run.dir), "before": before, "after": last_eval, "policy": accelerator.unwrap_model(model)}
-
+        run.close()
+    return run.summary(lm, before, last_eval)
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

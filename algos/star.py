@@ -43,40 +43,22 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-import tyro
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from shared.args import LMArgs, cli, require
 from shared.evaluation import evaluate
 from shared.logprobs import token_logprobs
-from shared.models import DEFAULT_MODEL, chat_prompt, load_model
-from shared.run import Run, seed_everything
+from shared.models import chat_prompt
+from shared.run import Run
 from shared.sampling import generate
-from shared.tasks import load_task
 
 
 @dataclass
-class Args:
-    # ---- experiment
-    model: str = DEFAULT_MODEL
-    """model name, local path, or `tiny` (a random test model built in code)"""
-    task: str = "arith"
-    """`arith`, `countdown` (built in, offline) or an HF dataset name: `gsm8k`, `math500`, `countdown-hf`"""
-    level: int = 1
-    """difficulty level of a built-in task (arith 1 = two-digit addition)"""
-    seed: int = 0
-    """seed of the task split, the model init (`tiny`), sampling and shuffling"""
-    output_dir: str = "runs"
-    """runs land in `{output_dir}/{star|bstar}__{task}__{seed}__{time}/`"""
-    resume: str | None = None
-    """run directory to resume from its `checkpoint/` (its args.json is reused; flags you pass override)"""
-    track: bool = False
-    """also log to TensorBoard in the run directory"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project"""
+class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come from shared/args.py
     iterations: int = 3
     """outer iterations (STaR n = 1..N_iter; B-STaR i = 1..I, 9 in the paper)"""
     patience: int = 0
@@ -85,12 +67,10 @@ class Args:
     """training questions, all answered every iteration (M)"""
     n_test: int = 200
     """held-out questions: the dev set, greedy accuracy after every iteration"""
-    lora_r: int = 0
-    """LoRA rank (0 = full fine-tuning)"""
-    load_in_4bit: bool = False
-    """4-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
-    load_in_8bit: bool = False
-    """8-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
+    max_new_tokens: int = 48
+    """generation budget per answer (rationale + answer); also used for the dev evaluation"""
+    temperature: float = 0.0
+    """STaR: temperature of rationale generation (0 = greedy, as in the paper); B-STaR searches its own"""
 
     # ---- algorithm
     mode: Literal["star", "bstar"] = "star"
@@ -109,8 +89,6 @@ class Args:
     """sequences per SFT step (STaR 8 packed sequences; B-STaR 128)"""
     micro_batch_size: int = 8
     """sequences per forward/backward on one process (gradient accumulation; no effect on the maths)"""
-    lr: float = 1e-5
-    """Adam learning rate (STaR 1e-6 at 6B, B-STaR 4.12e-6 at 7B; 1e-5 suits a 135M model)"""
     warmup_steps: int | None = None
     """linear warm-up in SFT steps (STaR 100, restarted with the weights; B-STaR 0)"""
     lr_schedule: Literal["constant", "cosine"] | None = None
@@ -119,8 +97,6 @@ class Args:
     """B-STaR: final / peak lr of the cosine (2e-7 / 4.12e-6 in train_bstar.sh)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    max_new_tokens: int = 48
-    """generation budget per answer (rationale + answer); also used for the dev evaluation"""
     gen_batch_size: int = 64
     """rows (prompt copies) per `generate` call"""
     group_size: int = 8
@@ -141,6 +117,19 @@ class Args:
     """N: answers B-STaR wants per iteration, n* = ⌈N/M⌉ (None: the paper's 67500 per 11500 queries at K = 64, scaled to K)"""
     prm: str | None = None
     """B-STaR: a process reward model (HF sequence-classification checkpoint, one logit) scoring each step prefix"""
+
+    RULES: ClassVar[dict[str, str]] = {
+        "iterations": ">= 1", "patience": ">= 0", "steps": ">= 0", "step_growth": "> 0", "batch_size": "> 0",
+        "micro_batch_size": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "max_grad_norm": "> 0",
+        "gen_batch_size": "> 0", "group_size": ">= 1", "pass_s": ">= 1", "subset_size": ">= 0",
+        "monitor_temperature": ">= 0", "temperatures": "> 0", "thresholds": "[-1, 2]", "threshold": "[-1, 2]",
+        "num_selected": ">= 1"}
+    PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # SFT examples are split across processes
+
+    def check(self) -> None:
+        super().check()
+        require(self.mode != "bstar" or self.subset_size >= 1, "subset_size", self.subset_size,
+                "--mode bstar searches its temperature on a query subset: must be ≥ 1")
 
 
 MODES = {  # the fields a mode sets when they are left at None
@@ -400,31 +389,19 @@ class ProcessReward:
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
-    run = Run(args.mode, args, Args)  # accelerator, run directory, args.json, metrics (shared/run.py)
-    args, accelerator, log, run_dir = resolve_mode(run.args), run.accelerator, run.log, run.dir
+    run = Run("star", args, presets=resolve_mode, label=args.mode)  # flags, resume, task, accelerator, run dir
+    args, accelerator, log, run_dir, task = run.args, run.accelerator, run.log, run.dir, run.task
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if args.mode == "bstar" and args.subset_size < 1:
-        raise SystemExit("--mode bstar searches its temperature on a query subset: --subset-size must be ≥ 1")
-    if (args.load_in_4bit or args.load_in_8bit) and not args.lora_r:
-        raise SystemExit("--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
-
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, device=device, lora_r=args.lora_r, seed=args.seed, log=log,
-                                  load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    task = load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # STaR: Adam, no weight decay
     step_of = lambda n: star_steps(n, args.steps, args.step_growth)  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, sum(map(step_of, range(1, args.iterations + 1)))))
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays plain: one tick per SFT step
+    total_sft_steps = sum(map(step_of, range(1, args.iterations + 1)))
+    lm = run.setup_lm(lr_lambda=lr_lambda(args, total_sft_steps), restore=False)  # STaR: Adam, no weight decay
+    model, tokenizer, optimizer, scheduler, params = lm.model, lm.tokenizer, lm.optimizer, lm.scheduler, lm.params
     base = initial_state(params, optimizer, scheduler)  # captured before any checkpoint is loaded
     prm = ProcessReward(args.prm, device) if args.prm else None
     M, K = len(task.train), args.group_size
     nstar = n_star(args.num_selected or round(M * K * 67500 / (11500 * 64)), M)
 
-    state = run.restore(model, optimizer, scheduler)  # a new run: each process reseeded with seed + rank
+    state = run.restore(lm)  # a new run: each process reseeded with seed + rank
     it, best = state.get("iteration", 0), state.get("best", {"accuracy": -1.0, "iteration": 0})
 
     prompt_of = lambda p: chat_prompt(tokenizer, p.prompt, task.system_prompt)  # noqa: E731  the context x
@@ -468,7 +445,7 @@ def main(args: Args) -> dict:
         return res
 
     def checkpoint():
-        run.save(model, tokenizer, optimizer, scheduler, iteration=it, best=best)
+        run.save(lm, iteration=it, best=best)
 
     before = run_eval() if it == 0 else None
     last_eval, stale = before, 0
@@ -490,7 +467,7 @@ def main(args: Args) -> dict:
                     metrics[f"bstar/balance_score_t{t}"] = max(balance_score(groups, tau, nstar) for tau in taus)
                 monitor = by_t.get(args.monitor_temperature)
             else:
-                t_i, tau_i, monitor = 0.0, args.threshold, None  # greedy; r ∈ {0, 1} kept iff correct
+                t_i, tau_i, monitor = args.temperature, args.threshold, None  # greedy by default; r ∈ {0, 1} kept iff correct
             if monitor is None and subset:  # Pass@K and friends, at one temperature in both modes
                 monitor = sample_scored(subset, args.monitor_temperature, "monitor")
             if monitor is not None:
@@ -499,7 +476,8 @@ def main(args: Args) -> dict:
             # ---- build this iteration's training set
             if args.mode == "star":  # Alg. 1 lines 2–4: greedy answers, then rationalization
                 mine = {q: task.train[q] for q in range(M)[rank::world]}
-                examples, counts = star_collect(mine, prompt_of, hint_of, generate_fn, verify, args.rationalize)
+                examples, counts = star_collect(mine, prompt_of, hint_of, lambda ps: generate_fn(ps, 1, t_i), verify,
+                                               args.rationalize)
                 gathered = gather_object([(examples, counts)]) if world > 1 else [(examples, counts)]
                 examples = sorted((e for ex, _ in gathered for e in ex), key=lambda e: e.query)
                 solved, n_rat = (sum(c[key] for _, c in gathered) for key in ("solved", "rationalized"))
@@ -544,7 +522,7 @@ def main(args: Args) -> dict:
         raise
     finally:
         bar.close()
-        run.logger.close()
+        run.close()
     log(f"best dev accuracy {best['accuracy']:.3f} at iteration {best['iteration']} (weights in {run_dir / 'best'})")
     log(f"run directory: {run_dir}")
     return {"run_dir": str(run_dir), "before": before, "after": last_eval, "best": best,
@@ -552,4 +530,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

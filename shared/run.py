@@ -13,6 +13,7 @@ saving keeps its previous checkpoint intact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -22,11 +23,16 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from shared.args import check_args, require, usage_error
+from shared.models import load_model
 
 
 # ---------------------------------------------------------------------------------------- seeding
@@ -61,8 +67,11 @@ def make_run_dir(algo: str, task: str, seed: int, output_dir: str | os.PathLike 
     return run_dir
 
 
-def save_args(run_dir: Path, args: Any) -> None:
-    (Path(run_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
+def save_args(run_dir: Path, args: Any, algo: str | None = None) -> None:
+    """`args.json`: the resolved args (and the algorithm's name, checked when a run is resumed)."""
+    fields = dataclasses.asdict(args)
+    record = {"algo": algo, **fields} if algo is not None else fields
+    (Path(run_dir) / "args.json").write_text(json.dumps(record, indent=2, default=str))
 
 
 def merge_resumed_args(run_dir: Path, cli_args: Any, cls: type) -> Any:
@@ -188,44 +197,86 @@ def load_checkpoint(run_dir: Path, model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- a run
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 class Run:
     """The plumbing every LM training script starts with, in one place:
 
-        run = Run("grpo", args, Args)         # accelerator, run dir, args.json, metrics logger
-        args = run.args                       # with --resume: the saved args, overridden by given flags
-        ...build model, optimizer, scheduler; accelerator.prepare(...)
-        state = run.restore(model, optimizer, scheduler)   # {} for a new run, else step, cursor, ...
-        run.evaluate(model, tokenizer, task, step, max_new_tokens)   # logs eval/* and prints one line
-        run.save(model, tokenizer, optimizer, scheduler, step=step, cursor=...)
+        run = Run("grpo", args, presets=resolve_variant)   # check flags, resume, task, accelerator, run dir
+        args, task = run.args, run.task
+        lm = run.setup_lm(reference=args.beta > 0)          # model, tokenizer, π_ref, optimizer, scheduler,
+                                                            # accelerate.prepare, restore from --resume
+        run.evaluate(lm, step, args.max_new_tokens)         # logs eval/* and prints one line
+        with run.atomic():                                  # Ctrl-C / SIGTERM wait until this block is done
+            ...update...
+        run.save(lm, step=step, cursor=...)
 
-    `Accelerator(cpu=True)` when there is no GPU is what makes `torchrun --nproc_per_node N` use gloo.
+    Nothing expensive happens before the flags are checked: a bad flag (or a `--resume` directory
+    that is not a run of this algorithm) exits with status 2 and one line, before a task or model is
+    loaded and before a run directory exists. `Accelerator(cpu=True)` when there is no GPU is what
+    makes `torchrun --nproc_per_node N` use gloo.
     """
 
-    def __init__(self, algo: str, args: Any, args_cls: type):
+    def __init__(self, algo: str, args: Any, presets: Callable[[Any], Any] | None = None,
+                 label: str | None = None, task: bool = True):
+        """algo: the script's name, recorded in args.json and checked on --resume; label: the run
+        directory's prefix (default `algo`, e.g. `rft` for `nft.py --rft`); presets: fills the fields a
+        variant/mode leaves at None (applied after resume merging, before args.json is written);
+        task: load `args.task` here (its sizes are checked before a run directory exists)."""
         from accelerate import Accelerator
         from accelerate.utils import broadcast_object_list
 
+        cls = type(args)
+        check_args(args)
         if args.resume:
-            args = merge_resumed_args(Path(args.resume), args, args_cls)
-        self.args = args
+            check_resume_dir(Path(args.resume), algo, cls)
+            args = merge_resumed_args(Path(args.resume), args, cls)
+        if presets is not None:
+            args = presets(args)
+        check_args(args)
+        self.task = load_task_checked(args) if task else None
         self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available())
+        check_args(args, world=acc.num_processes)
+        self.args, self.algo = args, algo
         self.log = print if acc.is_main_process else (lambda *a, **k: None)
         if args.resume:
             self.dir = Path(args.resume)
         else:  # every process must agree on the directory: the main one names it
-            name = [str(make_run_dir(algo, args.task, args.seed, args.output_dir)) if acc.is_main_process else ""]
+            name = [str(make_run_dir(label or algo, args.task, args.seed, args.output_dir)) if acc.is_main_process else ""]
             self.dir = Path(broadcast_object_list(name)[0])
         if acc.is_main_process:
-            save_args(self.dir, args)
+            save_args(self.dir, args, algo)
         self.logger = MetricsLogger(self.dir, acc.is_main_process, args.track, args.wandb_project, args)
-        if threading.current_thread() is threading.main_thread():  # `kill`/preemption: checkpoint like Ctrl-C
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        self._atomic, self._pending = 0, None
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C and `kill`/preemption alike
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
 
-    def restore(self, model, optimizer, scheduler) -> dict:
+    # ------------------------------------------------------------------ set-up
+    def setup_lm(self, *, reference: bool = False, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 lr_lambda: Callable[[int], float] | None = None, restore: bool = True) -> LM:
+        """Load the policy (and tokenizer), an optional frozen π_ref, AdamW over the trainable
+        parameters, a LambdaLR schedule (linear warm-up over `warmup_steps` optimizer steps, unless
+        `lr_lambda` is given), `accelerator.prepare`, and, with --resume, the checkpoint.
+
+        reference: keep a frozen copy of the initial policy as π_ref (with LoRA none is needed: π_ref
+        is the base model with the adapter disabled, `lm.reference()` either way).
+        restore=False: leave restoring to the caller (`lm.state = run.restore(lm)`), for a method that
+        must capture the initial weights first (STaR restarts from them)."""
+        args, acc = self.args, self.accelerator
+        seed_everything(args.seed)
+        model, tokenizer = load_model(args.model, device=acc.device, lora_r=args.lora_r, seed=args.seed, log=self.log,
+                                      load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if reference and not args.lora_r else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
+        warmup = max(warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda or (lambda s: min(1.0, (s + 1) / warmup)))
+        model, optimizer = acc.prepare(model, optimizer)  # not the scheduler: accelerate would step it per process
+        lm = LM(model, tokenizer, self.task, optimizer, scheduler, params, acc, ref)
+        if restore:
+            lm.state = self.restore(lm)
+        return lm
+
+    def restore(self, lm: LM) -> dict:
         """A new run: seed each process differently (seed + rank) so they sample different answers.
         A resumed run: load weights, optimizer, scheduler and this process's RNG states; return the
         saved extras (step, cursor, ...)."""
@@ -233,29 +284,127 @@ class Run:
         if not self.args.resume:
             seed_everything(self.args.seed + acc.process_index)
             return {}
-        state = load_checkpoint(self.dir, acc.unwrap_model(model))
-        optimizer.load_state_dict(state.pop("optimizer"))
-        scheduler.load_state_dict(state.pop("scheduler"))
+        state = load_checkpoint(self.dir, acc.unwrap_model(lm.model))
+        lm.optimizer.load_state_dict(state.pop("optimizer"))
+        lm.scheduler.load_state_dict(state.pop("scheduler"))
         set_rng_state(state.pop("rng")[acc.process_index])
         where = ", ".join(f"{k} {v}" for k, v in state.items() if isinstance(v, int))
         self.log(f"resumed {self.dir} after {where}")
         return state
 
-    def save(self, model, tokenizer, optimizer, scheduler, **extras) -> None:
-        """Checkpoint (every process calls this): weights, optimizer, scheduler, every process's RNG."""
+    # ------------------------------------------------------------------ during the run
+    def save(self, lm: LM, **extras) -> None:
+        """Checkpoint (every process calls this): weights, optimizer, scheduler, every process's RNG,
+        and `extras` (step, prompt-stream cursor, ...)."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        save_checkpoint(self.dir, model, tokenizer, {**extras, "rng": rngs, "optimizer": optimizer.state_dict(),
-                                                     "scheduler": scheduler.state_dict()}, acc)
+        save_checkpoint(self.dir, lm.model, lm.tokenizer, {**extras, "rng": rngs, "optimizer": lm.optimizer.state_dict(),
+                                                           "scheduler": lm.scheduler.state_dict()}, acc)
 
-    def evaluate(self, model, tokenizer, task, step: int, max_new_tokens: int) -> dict:
-        """Greedy accuracy on the held-out split, logged as eval/* at `step`."""
+    def evaluate(self, lm: LM, step: int, max_new_tokens: int, problems: list | None = None,
+                 split: str = "eval") -> dict:
+        """Greedy accuracy on `problems` (default: the task's held-out split), logged as {split}/* at `step`."""
         from shared.evaluation import evaluate
 
         t = time.time()
-        res = evaluate(model, tokenizer, task, task.test, max_new_tokens, accelerator=self.accelerator)
-        self.logger.log({f"eval/{k}": v for k, v in res.items()} | {"perf/eval_s": time.time() - t}, step)
-        self.log(f"step {step}: held-out greedy accuracy {res['accuracy']:.3f} on {len(task.test)} problems")
+        problems = self.task.test if problems is None else problems
+        res = evaluate(lm.model, lm.tokenizer, self.task, problems, max_new_tokens, accelerator=self.accelerator)
+        self.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t}, step)
+        self.log(f"step {step}: {split} greedy accuracy {res['accuracy']:.3f} on {len(problems)} problems")
         return res
+
+    @contextmanager
+    def atomic(self):
+        """A block that Ctrl-C or SIGTERM does not cut in half (an optimizer update and the bookkeeping
+        that goes with it): the signal is held until the block ends, then raised as KeyboardInterrupt,
+        so a checkpoint written in the handler never holds half an update. A second Ctrl-C aborts at
+        once, without saving."""
+        self._atomic += 1
+        try:
+            yield
+        finally:
+            self._atomic -= 1
+        if self._atomic == 0 and self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    def _on_signal(self, signum, frame):
+        if self._atomic and self._pending is None:
+            self._pending = signum
+            self.log("\nfinishing the current update before stopping (Ctrl-C again to abort without saving)")
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def save_on_interrupt(self, lm: LM, what: str, **extras) -> None:
+        """In `except KeyboardInterrupt:` (Ctrl-C or SIGTERM): say so, and checkpoint the last complete
+        step (`extras` as for `save`); the caller re-raises."""
+        self.log(f"\ninterrupted after {what}: saving a checkpoint; continue with --resume {self.dir}")
+        self.save(lm, **extras)
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def summary(self, lm: LM, before: dict | None, after: dict | None) -> dict:
+        """The last lines of a run (held-out accuracy before and after, the run directory), and what
+        `main` returns."""
+        if before is not None and after is not None:
+            self.log(f"held-out greedy accuracy: before {before['accuracy']:.3f}, after {after['accuracy']:.3f}")
+        self.log(f"run directory: {self.dir}")
+        return {"run_dir": str(self.dir), "before": before, "after": after, "policy": lm.policy}
+
+
+@dataclass
+class LM:
+    """What `Run.setup_lm` returns: everything a language-model training loop works on."""
+
+    model: Any  # the policy, prepared by accelerate (DDP-wrapped when several processes run)
+    tokenizer: Any
+    task: Any
+    optimizer: Any
+    scheduler: Any
+    params: list  # the trainable parameters
+    accelerator: Any
+    ref_copy: Any = None  # frozen π_ref copy (None with LoRA or without reference=True)
+    state: dict = dataclasses.field(default_factory=dict)  # restored extras (step, cursor, ...); {} for a new run
+
+    @property
+    def policy(self):
+        """The policy without its DDP wrapper (for `generate`, saving, adapter switches)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextmanager
+    def reference(self):
+        """π_ref as a model to run forward passes on: the frozen copy of the initial policy, or with
+        LoRA the policy itself with its adapter disabled for the duration of the block."""
+        if self.ref_copy is not None:
+            yield self.ref_copy
+        elif hasattr(self.policy, "disable_adapter"):
+            with self.policy.disable_adapter():
+                yield self.model
+        else:
+            raise RuntimeError("no reference model: call setup_lm(reference=True)")
+
+
+def check_resume_dir(run_dir: Path, algo: str, cls: type) -> None:
+    """Exit with one line unless `run_dir` is a run of `algo` with a checkpoint to resume from."""
+    state = run_dir / "checkpoint" / "trainer_state.pt"
+    require((run_dir / "args.json").is_file(), "resume", run_dir, "not a run directory (no args.json)")
+    saved = json.loads((run_dir / "args.json").read_text())
+    other = saved.get("algo")
+    if other is None:  # args.json of an older run: recognise the algorithm by its fields
+        fields = {f.name for f in dataclasses.fields(cls)}
+        other = algo if set(saved) <= fields else "another algorithm (its flags differ)"
+    require(other == algo, "resume", run_dir, f"a run of {other}, not {algo}")
+    require(state.is_file(), "resume", run_dir, f"has no checkpoint to resume from (no {state})")
+
+
+def load_task_checked(args: Any):
+    """`load_task` for the args' task, with a size it cannot provide turned into a one-line usage error."""
+    from shared.tasks import load_task
+
+    try:
+        return load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level)
+    except ValueError as e:
+        usage_error(f"--n-train {args.n_train} / --n-test {args.n_test} for {args.task} level {args.level}: {e}")

@@ -2,6 +2,9 @@
 
 Built-in tasks run offline and are generated from a seed:
   arith      mental arithmetic at five levels (see ARITH_LEVELS); the answer is the last number
+  multistep  the same kind of expressions, solved step by step: the reference solution is a list
+             of steps, each one operation written as an equation ("17 + 25 = 42"), and
+             `shared.steps.check_steps` grades a model's steps exactly (see MULTISTEP_LEVELS)
   countdown  reach a target with + - * / using each given number once (always solvable)
 Hugging Face adapters (need the Hub, or a local cache with HF_HUB_OFFLINE=1):
   gsm8k         openai/gsm8k "main"; gold after "####"; last-number verification
@@ -20,7 +23,8 @@ instead, so a request for more problems than exist fails with an exact count rat
   - test depends only on (name, level, n_test), so every run, whatever its seed, is evaluated on
     the same held-out problems. A smaller n_test gives a prefix of a larger one.
   - Keys ignore the level, so an arith test problem stays held out at every level that can
-    generate it (level 2 never trains on level 1's test set).
+    generate it (level 2 never trains on level 1's test set). multistep shares arith's keys: an
+    expression held out of one is held out of the other.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Callable, Iterable
 
 from shared.verifiers import Verdict, verify_countdown, verify_math
 
-TASKS = ("arith", "countdown", "gsm8k", "math500", "countdown-hf")
+TASKS = ("arith", "multistep", "countdown", "gsm8k", "math500", "countdown-hf")
 TEST_FRACTION = 0.1  # share of canonical keys reserved for the test split
 
 # User messages. Kept short and literal for small instruct models (SmolLM2-135M-Instruct).
@@ -47,6 +51,8 @@ COUNTDOWN_PROMPT = (
     "Use each number exactly once, with + - * / and parentheses. "
     'Write the equation on the last line after "Answer:", for example: Answer: (1 + 2) * 3'
 )
+MULTISTEP_PROMPT = ('Solve {expression} step by step. Write one calculation per line, then end with '
+                    '"Answer: <number>".')
 GSM8K_PROMPT = ('{question}\nSolve it step by step, then give the final number on the last line '
                 'as "Answer: <number>".')
 MATH_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -57,6 +63,12 @@ ARITH_LEVELS = {
     3: "3-digit addition/subtraction (never below zero), or 1-digit x 2-digit multiplication",
     4: "two mixed operations on numbers 2..20, e.g. (12 + 7) * 3",
     5: "three mixed operations on numbers 2..20, with parentheses",
+}
+MULTISTEP_LEVELS = {  # level -> (operations, operators, smallest and largest number)
+    1: (2, "+-", 1, 9),  # 7 - 5 + 8: two steps on one-digit numbers, never below zero
+    2: (2, "+-", 2, 20),
+    3: (2, "+-*", 2, 12),
+    4: (3, "+-*/", 2, 20),  # the expressions of arith level 5, with parentheses
 }
 COUNTDOWN_LEVELS = {1: 3, 2: 4}  # level -> how many numbers
 COUNTDOWN_NUMBERS = (1, 99)  # range of the given numbers
@@ -97,11 +109,19 @@ def load_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 200,
         raise ValueError(f"n_train and n_test must be non-negative ints, got {n_train}, {n_test}")
     if name == "arith":
         return _arith_task(seed, n_train, n_test, level)
+    if name == "multistep":
+        return _multistep_task(seed, n_train, n_test, level)
     if name == "countdown":
         return _countdown_task(seed, n_train, n_test, level)
     if name in _HF_LOADERS:
         return _HF_LOADERS[name](seed, n_train, n_test)
     raise SystemExit(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+
+
+def task_levels(name: str) -> set[int] | None:
+    """The levels a built-in task has (None for a task without levels)."""
+    return {"arith": set(ARITH_LEVELS), "multistep": set(MULTISTEP_LEVELS),
+            "countdown": set(COUNTDOWN_LEVELS)}.get(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,15 +261,100 @@ def _arith_problem(tree: Expr, level: int) -> Problem:
                    meta={"level": level, "expression": expression, "ops": _ops(tree)})
 
 
+def _expression_task(name: str, levels: dict, sample: Callable, space: Callable, problem: Callable,
+                     seed: int, n_train: int, n_test: int, level: int) -> Task:
+    """arith and multistep: expression trees split by arith's keys, graded by the last number."""
+    if level not in levels:
+        raise ValueError(f"{name} level must be one of {sorted(levels)}, got {level}")
+    train, test = _splits(name, level, seed, n_train, n_test, key=lambda t: "arith:" + _canonical(t), uid=_render,
+                          sample=lambda rng: sample(rng, level), space=space(level))
+    return Task(name=name, train=[problem(t, level) for t in train], test=[problem(t, level) for t in test],
+                system_prompt=None, mode="last_number")
+
+
 def _arith_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
-    if level not in ARITH_LEVELS:
-        raise ValueError(f"arith level must be one of {sorted(ARITH_LEVELS)}, got {level}")
-    train, test = _splits("arith", level, seed, n_train, n_test,
-                          key=lambda t: "arith:" + _canonical(t), uid=_render,
-                          sample=lambda rng: _arith_sample(rng, level), space=_arith_space(level))
-    return Task(name="arith", train=[_arith_problem(t, level) for t in train],
-                test=[_arith_problem(t, level) for t in test], system_prompt=None,
-                mode="last_number")
+    return _expression_task("arith", ARITH_LEVELS, _arith_sample, _arith_space, _arith_problem,
+                            seed, n_train, n_test, level)
+
+
+# ----------------------------------------------------------------------------------------------
+# multistep
+# ----------------------------------------------------------------------------------------------
+
+
+def _render_steps_expression(e: Expr) -> str:
+    """A left-to-right chain of + and − reads without parentheses ("7 - 5 + 8"); anything else is
+    rendered with every inner operation parenthesised ("(12 + 7) * 3")."""
+    def chain(t: Expr) -> bool:
+        return isinstance(t, int) or (t[0] in "+-" and chain(t[1]) and isinstance(t[2], int))
+    return " ".join(_render(e).replace("(", "").replace(")", "").split()) if chain(e) else _render(e)
+
+
+def solution_steps(e: Expr) -> list[str]:
+    """The reference solution: one equation per operation, inner operations first, left to right
+    ("12 + 7 = 19", "19 * 3 = 57"). Each step uses numbers of the problem or results of earlier steps."""
+    steps: list[str] = []
+
+    def walk(t: Expr) -> Fraction:
+        if isinstance(t, int):
+            return Fraction(t)
+        op, left, right = t
+        a, b = walk(left), walk(right)
+        value = _OPS[op](a, b)
+        steps.append(f"{a} {op} {b} = {value}")
+        return value
+
+    walk(e)
+    return steps
+
+
+def _multistep_sample(rng: random.Random, level: int) -> Expr:
+    n_ops, ops, lo, hi = MULTISTEP_LEVELS[level]
+    while True:  # redraw negative or inexact intermediate results and answers over 1000
+        leaves = [rng.randint(lo, hi) for _ in range(n_ops + 1)]
+        tree = _random_tree(rng, leaves, ops) if n_ops > 2 or "*" in ops else _left_chain(rng, leaves, ops)
+        steps_ok = all(v is not None and v >= 0 for v in map(_value, _subtrees(tree)))
+        if steps_ok and abs(_value(tree)) <= 1000 and (n_ops < 3 or len(set(_ops(tree))) >= 2):
+            return tree
+
+
+def _left_chain(rng: random.Random, leaves: list[int], ops: str) -> Expr:
+    tree: Expr = leaves[0]
+    for leaf in leaves[1:]:
+        tree = (rng.choice(ops), tree, leaf)
+    return tree
+
+
+def _subtrees(e: Expr) -> list[Expr]:
+    return [] if isinstance(e, int) else _subtrees(e[1]) + _subtrees(e[2]) + [e]
+
+
+def _multistep_space(level: int) -> list[Expr] | None:
+    """Level 1 is small enough to list: a ± b ± c on one-digit numbers."""
+    if level != 1:
+        return None
+    _, ops, lo, hi = MULTISTEP_LEVELS[1]
+    digits = range(lo, hi + 1)
+    trees = [(o2, (o1, a, b), c) for a in digits for b in digits for c in digits for o1 in ops for o2 in ops]
+    return [t for t in trees if all(_value(s) >= 0 for s in _subtrees(t))]
+
+
+def _multistep_problem(tree: Expr, level: int) -> Problem:
+    expression = _render_steps_expression(tree)
+    steps = solution_steps(tree)
+    numbers = [leaf for leaf in _leaves(tree)]
+    return Problem(prompt=MULTISTEP_PROMPT.format(expression=expression), answer=str(_value(tree)),
+                   meta={"level": level, "expression": expression, "ops": _ops(tree), "steps": steps,
+                         "numbers": numbers, "solution": "\n".join(steps + [f"Answer: {_value(tree)}"])})
+
+
+def _leaves(e: Expr) -> list[int]:
+    return [e] if isinstance(e, int) else _leaves(e[1]) + _leaves(e[2])
+
+
+def _multistep_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
+    return _expression_task("multistep", MULTISTEP_LEVELS, _multistep_sample, _multistep_space, _multistep_problem,
+                            seed, n_train, n_test, level)
 
 
 # ----------------------------------------------------------------------------------------------

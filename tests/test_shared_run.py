@@ -86,3 +86,47 @@ def test_prompt_stream_is_seeded_resumable_and_covers_each_epoch():
     resumed = PromptStream(10, seed=3, cursor=b.cursor)
     assert b.take(5) == resumed.take(5) == first[7:12]
     assert PromptStream(10, seed=4).take(10) != first[:10]
+
+
+def _bare_run():
+    from shared.run import Run
+
+    run = Run.__new__(Run)  # only the signal bookkeeping, no accelerator or run directory
+    run._atomic, run._pending, run.log = 0, None, lambda *a, **k: None
+    return run
+
+
+def test_a_signal_during_an_update_is_held_until_the_update_ends():
+    run = _bare_run()
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with run.atomic():
+            run._on_signal(15, None)  # SIGTERM arrives mid-update: noted, not raised
+            with run.atomic():  # nested blocks hold it too
+                done.append("inner")
+            done.append("rest of the update")
+    assert done == ["inner", "rest of the update"] and run._atomic == 0
+
+
+def test_a_second_signal_while_one_is_pending_aborts_at_once():
+    run = _bare_run()
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with run.atomic():
+            run._on_signal(2, None)
+            run._on_signal(2, None)  # Ctrl-C twice: do not wait
+            done.append("never")
+    assert done == []
+
+
+def test_a_signal_outside_an_update_interrupts_at_once_and_pending_is_raised_once():
+    run = _bare_run()
+    with pytest.raises(KeyboardInterrupt):
+        run._on_signal(15, None)
+    with pytest.raises(KeyboardInterrupt):
+        with run.atomic():
+            run._on_signal(15, None)
+            finished = True
+    assert finished and run._pending is None
+    with run.atomic():  # nothing pending any more: the next block ends normally
+        pass

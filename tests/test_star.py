@@ -223,13 +223,14 @@ def _rows(run_dir):
 def test_star_run_trains_then_restarts_from_base(tmp_path, monkeypatch):
     from shared.verifiers import Verdict
     _ending_generate(monkeypatch)
-    real_load = star.load_task
+    import shared.tasks
+    real_load = shared.tasks.load_task
 
     def always_right(*a, **k):  # every answer counts as correct, so STaR keeps all 6 and trains
         task = real_load(*a, **k)
         task.verify = lambda text, p: Verdict(True, True, "x")
         return task
-    monkeypatch.setattr(star, "load_task", always_right)
+    monkeypatch.setattr(shared.tasks, "load_task", always_right)  # `Run` loads the task through it
     out = star.main(star.Args(**SMALL, mode="star", output_dir=str(tmp_path)))
     it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
     assert [r["step"] for r in it] == [1, 2] and all(r["star/selected"] == 6 for r in it)
