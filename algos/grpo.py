@@ -201,11 +201,14 @@ def main(args: Args) -> dict:
         while step < args.total_steps:
             t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
-            groups = sample_groups(
+            generated = sample_groups(
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, gen_batch_size=args.gen_batch_size,
                 keep=(lambda c: mixed_groups(c, args.group_size)) if args.dynamic_sampling else None,
                 max_gen_batches=args.max_gen_batches)
+            # too few kept groups after max_gen_batches: train on rejected ones too (zero advantage;
+            # every process needs the same batch size), logged as dropped_frac / gen_batches
+            groups = generated.take(args.batch_size // world, fill_with_rejected=True)
             ro, correct, formatted = groups.rollout.to(device), groups.correct, groups.formatted
             rewards = correct.clone()  # 0/1 verifier reward (its scale is irrelevant under std normalisation)
             if args.overlong == "soft":  # DAPO Eq. 13, added to the correctness reward

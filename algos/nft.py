@@ -170,10 +170,13 @@ def main(args: Args) -> dict:
             t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
             # 1–3. sample K answers per question, verify, keep groups with 0 < r̂ < 1
-            groups = sample_groups(
+            generated = sample_groups(
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, gen_batch_size=args.gen_batch_size,
                 keep=lambda c: informative_groups(c, args.group_size), max_gen_batches=args.max_gen_batches)
+            # too few kept groups after max_gen_batches: train on rejected ones too (zero advantage;
+            # every process needs the same batch size), logged as dropped_frac / gen_batches
+            groups = generated.take(args.batch_size // world, fill_with_rejected=True)
             ro, correct = groups.rollout.to(device), groups.correct.to(device)
             t_gen = time.time() - t0
             # 4. r̂ and ω per group; 5. π_old log-probs once (with one on-policy update: logp.detach())

@@ -30,7 +30,7 @@ import io
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from shared.models import DEFAULT_MODEL
 
@@ -169,13 +169,19 @@ class LMArgs:
     n_train: int = 2000
     """training problems drawn from the task"""
     n_test: int = 200
-    """held-out problems for evaluation"""
+    """held-out test problems: greedy accuracy reported at each evaluation, never used to choose anything"""
+    n_dev: int = 100
+    """dev problems (disjoint from train and test) for model selection and early stopping"""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning)"""
     load_in_4bit: bool = False
     """4-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
     load_in_8bit: bool = False
     """8-bit base weights through bitsandbytes (CUDA only; needs --lora-r)"""
+    dtype: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """precision: fp32 weights and optimizer states with bf16 autocast forward passes (`bf16-mixed`,
+    the default on CUDA), plain fp32 (the default on CPU), or pure bf16 weights (`bf16`: small updates
+    round away)"""
     lr: float = 1e-5
     """AdamW learning rate (the papers use 1e-6 at 7B; 1e-5 suits a 135M model)"""
     max_new_tokens: int = 24
@@ -184,7 +190,7 @@ class LMArgs:
     """sampling temperature of training rollouts; log-probs use logits / T"""
 
     RULES: ClassVar[dict[str, str]] = {
-        "level": ">= 1", "seed": ">= 0", "n_train": ">= 1", "n_test": ">= 1", "lora_r": ">= 0", "lr": ">= 0",
+        "level": ">= 1", "seed": ">= 0", "n_train": ">= 1", "n_test": ">= 1", "n_dev": ">= 0", "lora_r": ">= 0", "lr": ">= 0",
         "max_new_tokens": ">= 1", "temperature": ">= 0"}
 
     def check(self) -> None:

@@ -2,7 +2,8 @@
 and optional re-generation until every process holds enough groups that pass a filter.
 
 Which groups to keep (DAPO's dynamic sampling, NFT's r̂ ∉ {0, 1}) is the algorithm's decision: it
-passes `keep`. This module only does the bookkeeping that makes that work across processes.
+passes `keep`, and decides with `Groups.take` what happens when too few groups were kept. This module
+only does the bookkeeping that makes that work across processes.
 """
 
 from __future__ import annotations
@@ -39,51 +40,69 @@ class PromptStream:
 
 @dataclass
 class Groups:
-    """B/world groups of G answers on this process, with the verifier's verdicts."""
+    """Groups of G answers sampled on this process, in generation order, with the verifier's verdicts
+    and which groups passed the algorithm's `keep` filter. Rows [g·G, (g+1)·G) belong to group g."""
 
     rollout: Rollout
     problems: list  # one per group
-    correct: torch.Tensor  # [n] float 0/1
-    formatted: torch.Tensor  # [n] float 0/1
+    correct: torch.Tensor  # [groups·G] float 0/1
+    formatted: torch.Tensor  # [groups·G] float 0/1
+    kept: torch.Tensor  # [groups] bool: passed `keep` (all True without a filter)
     gen_batches: int  # generation batches this step needed
-    dropped_frac: float  # fraction of generated groups that `keep` rejected (all batches, this process)
-    raw_accuracy: float  # accuracy over every answer generated this step (before `keep`), this process
+    dropped_frac: float  # fraction of generated groups that `keep` rejected (this process)
+    raw_accuracy: float  # accuracy over every answer generated (before `keep`, this process)
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """[groups·G] True where an answer ran out of tokens before its EOS."""
+        return self.rollout.truncated
+
+    def take(self, n: int, fill_with_rejected: bool = False) -> Groups:
+        """The first n kept groups (in generation order); with `fill_with_rejected`, topped up with the
+        first rejected groups when fewer than n were kept. The result keeps generation order."""
+        kept = [g for g in range(len(self.problems)) if self.kept[g]]
+        rejected = [g for g in range(len(self.problems)) if not self.kept[g]]
+        chosen = sorted((kept + (rejected if fill_with_rejected else []))[:n])
+        G = len(self.correct) // max(len(self.problems), 1)
+        rows = [r for g in chosen for r in range(g * G, (g + 1) * G)]
+        index = torch.tensor(rows, dtype=torch.long)
+        return Groups(cat_rollouts([self.rollout], [rows]), [self.problems[g] for g in chosen], self.correct[index],
+                      self.formatted[index], self.kept[torch.tensor(chosen, dtype=torch.long)], self.gen_batches,
+                      self.dropped_frac, self.raw_accuracy)
 
 
 def sample_groups(accelerator, model, tokenizer, task, stream: PromptStream, *, batch_size: int, group_size: int,
                   max_new_tokens: int, temperature: float, gen_batch_size: int | None = None,
                   keep: Callable[[torch.Tensor], torch.Tensor] | None = None, max_gen_batches: int = 1) -> Groups:
     """Draw `batch_size` prompts per generation batch (split across processes), sample `group_size`
-    answers each and verify them. With `keep` (correct [n·G] -> bool [n]), generate further batches —
-    at most `max_gen_batches` — until every process holds batch_size/world kept groups; if generation
-    runs out, the rejected groups fill the remainder so all processes stay in lockstep.
-    """
+    answers each and verify them. With `keep` (correct [n·G] -> bool [n]), generate further batches,
+    at most `max_gen_batches`, until every process holds batch_size/world kept groups. Returns every
+    group generated on this process with its `kept` flag; what to do with too few kept groups is the
+    caller's decision (`Groups.take`). Every process runs the same number of batches."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank, G = batch_size // world, group_size
-    batches, dropped, seen, n_correct = [], 0, 0, 0.0
+    rollouts, problems, correct, formatted, kept = [], [], [], [], []
     for _ in range(max_gen_batches if keep is not None else 1):
-        problems = [task.train[i] for i in stream.take(batch_size)[rank::world]]
-        prompts = [chat_prompt(tokenizer, p.prompt, task.system_prompt) for p in problems]
+        batch = [task.train[i] for i in stream.take(batch_size)[rank::world]]
+        prompts = [chat_prompt(tokenizer, p.prompt, task.system_prompt) for p in batch]
         ro = generate(model, tokenizer, prompts, n=G, max_new_tokens=max_new_tokens,
                       temperature=temperature, batch_size=gen_batch_size)
-        verdicts = [task.verify(text, problems[j // G]) for j, text in enumerate(ro.texts)]
-        correct = torch.tensor([v.correct for v in verdicts], dtype=torch.float32)
-        formatted = torch.tensor([v.format_ok for v in verdicts], dtype=torch.float32)
-        kept = keep(correct) if keep is not None else torch.ones(len(problems), dtype=torch.bool)
-        dropped, seen, n_correct = dropped + int((~kept).sum()), seen + len(problems), n_correct + correct.sum().item()
-        batches.append((ro, problems, correct, formatted, kept))
-        have = torch.tensor(float(sum(int(b[-1].sum()) for b in batches)), device=accelerator.device)
-        if accelerator.reduce(have, reduction="min") >= per_rank:  # every process has enough
+        verdicts = [task.verify(text, batch[j // G]) for j, text in enumerate(ro.texts)]
+        c = torch.tensor([v.correct for v in verdicts], dtype=torch.float32)
+        rollouts.append(ro)
+        problems += batch
+        correct.append(c)
+        formatted.append(torch.tensor([v.format_ok for v in verdicts], dtype=torch.float32))
+        kept.append(keep(c) if keep is not None else torch.ones(len(batch), dtype=torch.bool))
+        have = torch.tensor(float(torch.cat(kept).sum()), device=accelerator.device)
+        fewest = -accelerator.reduce(-have, reduction="max")  # min over processes (accelerate has no "min")
+        if fewest >= per_rank:
             break
-    # exactly per_rank groups: kept groups first (in generation order), then rejected ones if short
-    chosen = [(b, g) for flag in (True, False) for b, batch in enumerate(batches)
-              for g in range(len(batch[1])) if bool(batch[-1][g]) == flag][:per_rank]
-    chosen.sort()
-    rows = [[r for bb, g in chosen if bb == b for r in range(g * G, (g + 1) * G)] for b in range(len(batches))]
-    pick = lambda i: torch.cat([b[i][torch.tensor(r, dtype=torch.long)] for b, r in zip(batches, rows)])  # noqa: E731
-    return Groups(rollout=cat_rollouts([b[0] for b in batches], rows),
-                  problems=[batches[b][1][g] for b, g in chosen], correct=pick(2), formatted=pick(3),
-                  gen_batches=len(batches), dropped_frac=dropped / max(seen, 1), raw_accuracy=n_correct / max(seen * G, 1))
+    kept_all = torch.cat(kept)
+    correct_all = torch.cat(correct)
+    return Groups(rollout=cat_rollouts(rollouts), problems=problems, correct=correct_all, formatted=torch.cat(formatted),
+                  kept=kept_all, gen_batches=len(rollouts), dropped_frac=float((~kept_all).float().mean()),
+                  raw_accuracy=float(correct_all.mean()) if len(correct_all) else 0.0)
 
 
 def rollout_logprobs(model, ro: Rollout, rows: torch.Tensor, temperature: float, micro_batch_size: int,

@@ -233,7 +233,9 @@ class Run:
             args = presets(args)
         check_args(args)
         self.task = load_task_checked(args) if task else None
-        self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available())
+        cuda = torch.cuda.is_available()
+        mixed = args.dtype == "bf16-mixed" or (args.dtype == "auto" and cuda)
+        self.accelerator = acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if mixed else "no")
         check_args(args, world=acc.num_processes)
         self.args, self.algo = args, algo
         self.log = print if acc.is_main_process else (lambda *a, **k: None)
@@ -264,8 +266,9 @@ class Run:
         args, acc = self.args, self.accelerator
         seed_everything(args.seed)
         model, tokenizer = load_model(args.model, device=acc.device, lora_r=args.lora_r, seed=args.seed, log=self.log,
+                                      dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-        ref = copy.deepcopy(model).eval().requires_grad_(False) if reference and not args.lora_r else None
+        ref = self._frozen(model) if reference and not args.lora_r else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
         warmup = max(warmup_steps, 1)
@@ -291,6 +294,18 @@ class Run:
         where = ", ".join(f"{k} {v}" for k, v in state.items() if isinstance(v, int))
         self.log(f"resumed {self.dir} after {where}")
         return state
+
+    def frozen_copy(self, lm: LM):
+        """A frozen snapshot of the current policy (e.g. M_t as the next iteration's reference, or
+        the SFT model as a KL anchor), run in the same precision as the policy. With LoRA the whole
+        peft model is copied."""
+        return self._frozen(lm.policy)
+
+    def _frozen(self, model):
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.accelerator.mixed_precision == "no" or hasattr(frozen, "_original_forward"):
+            return frozen  # fp32, or a copy of a policy whose forward already runs under autocast
+        return self.accelerator.prepare_model(frozen, evaluation_mode=True)  # the policy's autocast wrapper
 
     # ------------------------------------------------------------------ during the run
     def save(self, lm: LM, **extras) -> None:
@@ -405,6 +420,8 @@ def load_task_checked(args: Any):
     from shared.tasks import load_task
 
     try:
-        return load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level)
+        return load_task(args.task, seed=args.seed, n_train=args.n_train, n_test=args.n_test, level=args.level,
+                         n_dev=args.n_dev)
     except ValueError as e:
-        usage_error(f"--n-train {args.n_train} / --n-test {args.n_test} for {args.task} level {args.level}: {e}")
+        usage_error(f"--n-train {args.n_train} / --n-test {args.n_test} / --n-dev {args.n_dev} for {args.task} "
+                    f"level {args.level}: {e}")

@@ -15,13 +15,15 @@ How the built-in splits are made
 --------------------------------
 Every problem has a canonical key (commutative operands sorted, so "23 + 45" and "45 + 23" share a
 key). A stable hash of the key (sha256, not Python's per-process salted `hash()`) sends it to
-"test" with probability TEST_FRACTION and to "train" otherwise. The two splits therefore cannot
-overlap, even up to commutativity. Problems are drawn from a random stream and kept when the key
+"test" with probability TEST_FRACTION, to "dev" with probability DEV_FRACTION and to "train"
+otherwise. The three splits therefore cannot overlap, even up to commutativity. Dev is for model
+selection and early stopping; test is only reported. Problems are drawn from a random stream and kept when the key
 falls in the wanted split. Small problem spaces (arith levels 1-2) are enumerated and shuffled
 instead, so a request for more problems than exist fails with an exact count rather than looping.
   - train depends on (name, level, seed, n_train): a new seed gives a new order and new problems.
   - test depends only on (name, level, n_test), so every run, whatever its seed, is evaluated on
-    the same held-out problems. A smaller n_test gives a prefix of a larger one.
+    the same held-out problems. A smaller n_test gives a prefix of a larger one. Dev likewise
+    depends only on (name, level, n_dev).
   - Keys ignore the level, so an arith test problem stays held out at every level that can
     generate it (level 2 never trains on level 1's test set). multistep shares arith's keys: an
     expression held out of one is held out of the other.
@@ -43,6 +45,7 @@ from shared.verifiers import Verdict, verify_countdown, verify_math
 
 TASKS = ("arith", "multistep", "countdown", "gsm8k", "math500", "countdown-hf")
 TEST_FRACTION = 0.1  # share of canonical keys reserved for the test split
+DEV_FRACTION = 0.1  # share reserved for the dev split (model selection, early stopping)
 
 # User messages. Kept short and literal for small instruct models (SmolLM2-135M-Instruct).
 ARITH_PROMPT = "What is {expression}? Give only the final number."
@@ -89,6 +92,7 @@ class Task:
     test: list[Problem]
     system_prompt: str | None
     mode: str = "last_number"  # verification: "last_number", "boxed", "answer" or "countdown"
+    dev: list[Problem] = field(default_factory=list)  # for selection and early stopping, disjoint from both
 
     def verify(self, completion: str, problem: Problem) -> Verdict:
         if self.mode == "countdown":
@@ -101,20 +105,20 @@ class Task:
 
 
 def load_task(name: str, seed: int = 0, n_train: int = 2000, n_test: int = 200,
-              level: int = 1) -> Task:
+              level: int = 1, n_dev: int = 0) -> Task:
     """Build a task. Built-in tasks return exactly n_train/n_test problems (ValueError if that
     many distinct ones do not exist). Hub datasets are fixed in size: they return at most
     n_train/n_test. `level` applies to arith (1-5) and countdown (1-2)."""
-    if not all(isinstance(n, int) and n >= 0 for n in (n_train, n_test)):
-        raise ValueError(f"n_train and n_test must be non-negative ints, got {n_train}, {n_test}")
+    if not all(isinstance(n, int) and n >= 0 for n in (n_train, n_test, n_dev)):
+        raise ValueError(f"n_train, n_test and n_dev must be non-negative ints, got {n_train}, {n_test}, {n_dev}")
     if name == "arith":
-        return _arith_task(seed, n_train, n_test, level)
+        return _arith_task(seed, n_train, n_test, level, n_dev)
     if name == "multistep":
-        return _multistep_task(seed, n_train, n_test, level)
+        return _multistep_task(seed, n_train, n_test, level, n_dev)
     if name == "countdown":
-        return _countdown_task(seed, n_train, n_test, level)
+        return _countdown_task(seed, n_train, n_test, level, n_dev)
     if name in _HF_LOADERS:
-        return _HF_LOADERS[name](seed, n_train, n_test)
+        return _HF_LOADERS[name](seed, n_train, n_test, n_dev)
     raise SystemExit(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
 
 
@@ -183,7 +187,8 @@ def _random_tree(rng: random.Random, leaves: list[int], ops: str) -> Expr:
 def _split_of(key: str) -> str:
     """'test' or 'train', fixed forever by a hash of the canonical key."""
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "test" if h / 2**64 < TEST_FRACTION else "train"
+    u = h / 2**64
+    return "test" if u < TEST_FRACTION else "dev" if u < TEST_FRACTION + DEV_FRACTION else "train"
 
 
 def _draw(split: str, n: int, rng: random.Random, what: str, key: Callable, uid: Callable,
@@ -195,7 +200,7 @@ def _draw(split: str, n: int, rng: random.Random, what: str, key: Callable, uid:
         if n > len(pool):
             raise ValueError(
                 f"{what} has only {len(pool)} distinct {split} problems (a fixed hash sends "
-                f"{TEST_FRACTION:.0%} of problems to test); asked for {n}. "
+                f"{TEST_FRACTION:.0%} of problems to test and {DEV_FRACTION:.0%} to dev); asked for {n}. "
                 "Ask for fewer or use a higher level.")
         rng.shuffle(pool)
         return pool[:n]
@@ -213,12 +218,15 @@ def _draw(split: str, n: int, rng: random.Random, what: str, key: Callable, uid:
     return out
 
 
-def _splits(name: str, level: int, seed: int, n_train: int, n_test: int, **draw_kwargs):
+def _splits(name: str, level: int, seed: int, n_train: int, n_test: int, n_dev: int, **draw_kwargs):
+    """(train, test, dev) problems; test and dev do not depend on the seed."""
     what = f"{name} level {level}"
     test_rng = random.Random(f"{name}/level{level}/test")  # str seeds are hashed deterministically
+    dev_rng = random.Random(f"{name}/level{level}/dev")
     train_rng = random.Random(f"{name}/level{level}/train/seed{seed}")
     return (_draw("train", n_train, train_rng, what, **draw_kwargs),
-            _draw("test", n_test, test_rng, what, **draw_kwargs))
+            _draw("test", n_test, test_rng, what, **draw_kwargs),
+            _draw("dev", n_dev, dev_rng, what, **draw_kwargs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,19 +270,19 @@ def _arith_problem(tree: Expr, level: int) -> Problem:
 
 
 def _expression_task(name: str, levels: dict, sample: Callable, space: Callable, problem: Callable,
-                     seed: int, n_train: int, n_test: int, level: int) -> Task:
+                     seed: int, n_train: int, n_test: int, level: int, n_dev: int) -> Task:
     """arith and multistep: expression trees split by arith's keys, graded by the last number."""
     if level not in levels:
         raise ValueError(f"{name} level must be one of {sorted(levels)}, got {level}")
-    train, test = _splits(name, level, seed, n_train, n_test, key=lambda t: "arith:" + _canonical(t), uid=_render,
-                          sample=lambda rng: sample(rng, level), space=space(level))
+    train, test, dev = _splits(name, level, seed, n_train, n_test, n_dev, key=lambda t: "arith:" + _canonical(t),
+                               uid=_render, sample=lambda rng: sample(rng, level), space=space(level))
     return Task(name=name, train=[problem(t, level) for t in train], test=[problem(t, level) for t in test],
-                system_prompt=None, mode="last_number")
+                system_prompt=None, mode="last_number", dev=[problem(t, level) for t in dev])
 
 
-def _arith_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
+def _arith_task(seed: int, n_train: int, n_test: int, level: int, n_dev: int = 0) -> Task:
     return _expression_task("arith", ARITH_LEVELS, _arith_sample, _arith_space, _arith_problem,
-                            seed, n_train, n_test, level)
+                            seed, n_train, n_test, level, n_dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,9 +360,9 @@ def _leaves(e: Expr) -> list[int]:
     return [e] if isinstance(e, int) else _leaves(e[1]) + _leaves(e[2])
 
 
-def _multistep_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
+def _multistep_task(seed: int, n_train: int, n_test: int, level: int, n_dev: int = 0) -> Task:
     return _expression_task("multistep", MULTISTEP_LEVELS, _multistep_sample, _multistep_space, _multistep_problem,
-                            seed, n_train, n_test, level)
+                            seed, n_train, n_test, level, n_dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +401,7 @@ def _countdown_problem(numbers: list[int], target: int, **meta) -> Problem:
                    answer=str(target), meta={"numbers": numbers, "target": target, **meta})
 
 
-def _countdown_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
+def _countdown_task(seed: int, n_train: int, n_test: int, level: int, n_dev: int = 0) -> Task:
     if level not in COUNTDOWN_LEVELS:
         raise ValueError(f"countdown level must be one of {sorted(COUNTDOWN_LEVELS)}, got {level}")
 
@@ -403,10 +411,10 @@ def _countdown_task(seed: int, n_train: int, n_test: int, level: int) -> Task:
     def make(x):
         return _countdown_problem(x[0], x[2], level=level, solution=_render(x[1]))
 
-    train, test = _splits("countdown", level, seed, n_train, n_test, key=key, uid=key,
-                          sample=lambda rng: _countdown_sample(rng, level))
+    train, test, dev = _splits("countdown", level, seed, n_train, n_test, n_dev, key=key, uid=key,
+                               sample=lambda rng: _countdown_sample(rng, level))
     return Task(name="countdown", train=[make(x) for x in train], test=[make(x) for x in test],
-                system_prompt=None, mode="countdown")
+                system_prompt=None, mode="countdown", dev=[make(x) for x in dev])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,28 +475,35 @@ def _shuffled(n_rows: int, seed: int, salt: str) -> list[int]:
     return order
 
 
-def _gsm8k_task(seed: int, n_train: int, n_test: int) -> Task:
+def _gsm8k_task(seed: int, n_train: int, n_test: int, n_dev: int = 0) -> Task:
+    """Test: the first n_test rows of GSM8K's test split. Dev: n_dev rows of its train split chosen
+    by a fixed shuffle (the same for every seed); train: the other train rows in seeded order."""
     ds = _load_hub_dataset("gsm8k", "openai/gsm8k", "main")
-    order = _shuffled(len(ds["train"]), seed, "gsm8k")[:n_train]
+    dev_rows = _shuffled(len(ds["train"]), 0, "gsm8k-dev")[:n_dev]
+    held = set(dev_rows)
+    order = [i for i in _shuffled(len(ds["train"]), seed, "gsm8k") if i not in held][:n_train]
     train = [_gsm8k_problem(ds["train"][i]) for i in order]
     test = [_gsm8k_problem(ds["test"][i]) for i in range(min(n_test, len(ds["test"])))]
-    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="last_number")
+    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="last_number",
+                dev=[_gsm8k_problem(ds["train"][i]) for i in dev_rows])
 
 
-def _math500_task(seed: int, n_train: int, n_test: int) -> Task:
-    """MATH-500 is one 500-problem test split: test is its first n_test rows, train is drawn
-    from the remaining rows (meant for smoke runs, not for claims about MATH-500)."""
+def _math500_task(seed: int, n_train: int, n_test: int, n_dev: int = 0) -> Task:
+    """MATH-500 is one 500-problem test split: test is its first n_test rows, dev the next n_dev,
+    train is drawn from the remaining rows (meant for smoke runs, not for claims about MATH-500)."""
     rows = _load_hub_dataset("math500", "HuggingFaceH4/MATH-500")["test"]
     n_test = min(n_test, len(rows))
-    rest = [n_test + i for i in _shuffled(len(rows) - n_test, seed, "math500")][:n_train]
+    n_dev = min(n_dev, len(rows) - n_test)
+    held = n_test + n_dev
+    rest = [held + i for i in _shuffled(len(rows) - held, seed, "math500")][:n_train]
     return Task(name="math500", train=[_math500_problem(rows[i]) for i in rest],
                 test=[_math500_problem(rows[i]) for i in range(n_test)], system_prompt=None,
-                mode="boxed")
+                mode="boxed", dev=[_math500_problem(rows[i]) for i in range(n_test, held)])
 
 
-def _countdown_hf_task(seed: int, n_train: int, n_test: int) -> Task:
+def _countdown_hf_task(seed: int, n_train: int, n_test: int, n_dev: int = 0) -> Task:
     """The dataset has a single split; it is divided with the same key hash as the built-in
-    countdown (test: first matching rows in stored order; train: seeded order)."""
+    countdown (test and dev: first matching rows in stored order; train: seeded order)."""
     rows = _load_hub_dataset("countdown-hf", "Jiayi-Pan/Countdown-Tasks-3to4")["train"]
 
     def take(split: str, n: int, order: Iterable[int]) -> list[Problem]:
@@ -502,7 +517,8 @@ def _countdown_hf_task(seed: int, n_train: int, n_test: int) -> Task:
         return out
 
     return Task(name="countdown-hf", train=take("train", n_train, _shuffled(len(rows), seed, "cd")),
-                test=take("test", n_test, range(len(rows))), system_prompt=None, mode="countdown")
+                test=take("test", n_test, range(len(rows))), system_prompt=None, mode="countdown",
+                dev=take("dev", n_dev, range(len(rows))))
 
 
 _HF_LOADERS = {"gsm8k": _gsm8k_task, "math500": _math500_task, "countdown-hf": _countdown_hf_task}

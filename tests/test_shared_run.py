@@ -130,3 +130,59 @@ def test_a_signal_outside_an_update_interrupts_at_once_and_pending_is_raised_onc
     assert finished and run._pending is None
     with run.atomic():  # nothing pending any more: the next block ends normally
         pass
+
+
+def _setup(tmp_path, dtype, **kw):
+    from accelerate.state import AcceleratorState
+
+    from shared.args import StepArgs
+    from shared.run import Run
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process, several precisions in a row
+
+    run = Run("test", StepArgs(model="tiny", dtype=dtype, output_dir=str(tmp_path), n_train=8, n_test=2, n_dev=2, **kw))
+    return run, run.setup_lm(reference=True)
+
+
+def _one_step(lm, seen_dtypes):
+    layer = lm.policy.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda m, i, o: seen_dtypes.append(o.dtype))
+    before = [p.detach().clone() for p in lm.params]
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    loss = lm.model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    lm.accelerator.backward(loss)
+    lm.optimizer.step()
+    handle.remove()
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(lm.params, before))
+    return changed / sum(p.numel() for p in lm.params)  # share of weights the step moved
+
+
+def test_bf16_mixed_runs_forward_in_bf16_and_keeps_fp32_master_weights_that_move(tmp_path):
+    run, lm = _setup(tmp_path / "mixed", "bf16-mixed", lr=1e-5)
+    seen = []
+    moved = _one_step(lm, seen)
+    assert seen == [torch.bfloat16]  # the forward ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in lm.params)  # master weights and Adam moments in fp32
+    assert all(s["exp_avg"].dtype == torch.float32 for s in lm.optimizer.state.values())
+    assert moved > 0.99  # an lr-1e-5 Adam step moves (almost) every weight
+    for model in (lm.ref_copy, run.frozen_copy(lm)):  # references run in the same precision
+        out = []
+        h = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: out.append(o.dtype))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 40, 41]]))
+        h.remove()
+        assert out == [torch.bfloat16] and all(not p.requires_grad for p in model.parameters())
+    run.close()
+
+
+def test_pure_bf16_weights_round_small_updates_away(tmp_path):
+    """Why fp32 master weights: the same lr-1e-5 step leaves most bf16 weight tensors unchanged."""
+    run, lm = _setup(tmp_path / "bf16", "bf16", lr=1e-5)
+    moved = _one_step(lm, [])
+    assert all(p.dtype == torch.bfloat16 for p in lm.params)
+    assert moved < 0.2  # weights of size 0.02 and 1.0 are below bf16's resolution for a 1e-5 step
+    run.close()
+    run, lm = _setup(tmp_path / "fp32", "fp32", lr=1e-5)
+    seen = []
+    assert _one_step(lm, seen) > 0.99 and seen == [torch.float32]
+    run.close()

@@ -272,3 +272,31 @@ def test_countdown_hf_adapter(monkeypatch):
     a = p.meta["numbers"][0]
     assert task.reward(f"Answer: {a} + 2 + 3", p) == 1.0
     assert task.reward(f"Answer: {a} + 5", p) == 0.0
+
+
+# ---------------------------------------------------------------- the dev split
+@pytest.mark.parametrize("name, level", BUILTIN + [("multistep", 1), ("multistep", 4)])
+def test_dev_split_is_disjoint_from_train_and_test_and_does_not_move_with_the_seed(name, level):
+    a = load_task(name, seed=0, level=level, n_train=300, n_test=100, n_dev=80)
+    b = load_task(name, seed=1, level=level, n_train=300, n_test=100, n_dev=80)
+    assert len(a.dev) == 80 and a.dev == b.dev and a.test == b.test
+    dev = {problem_key(a, p) for p in a.dev}
+    assert len({p.prompt for p in a.dev}) == 80  # distinct problems (a + b and b + a share a key)
+    assert not dev & {problem_key(a, p) for p in a.train + b.train + a.test}
+    assert load_task(name, seed=0, level=level, n_train=1, n_test=1, n_dev=20).dev == a.dev[:20]  # a prefix
+    assert load_task(name, seed=0, level=level, n_train=300, n_test=100).dev == []  # none unless asked
+
+
+def test_hf_adapters_hold_out_a_dev_split(monkeypatch):
+    rows = [{"question": f"Q{i}?", "answer": f"work\n#### {i}"} for i in range(30)]
+    fake_hub(monkeypatch, {"openai/gsm8k": {"train": FakeSplit(rows[:20]), "test": FakeSplit(rows[20:])},
+                           "HuggingFaceH4/MATH-500": {"test": FakeSplit(
+                               [{"problem": f"P{i}", "answer": str(i)} for i in range(10)])},
+                           "Jiayi-Pan/Countdown-Tasks-3to4": {"train": FakeSplit(
+                               [{"nums": [i, 2, 3], "target": i + 5} for i in range(1, 400)])}})
+    for name, sizes in (("gsm8k", dict(n_train=100, n_test=3, n_dev=4)), ("math500", dict(n_train=100, n_test=4, n_dev=3)),
+                        ("countdown-hf", dict(n_train=50, n_test=5, n_dev=5))):
+        a, b = load_task(name, seed=0, **sizes), load_task(name, seed=1, **sizes)
+        assert len(a.dev) == sizes["n_dev"] and keys(a.dev) == keys(b.dev), name
+        assert not set(keys(a.dev)) & set(keys(a.train + b.train + a.test)), name
+    assert len(load_task("gsm8k", n_train=100, n_test=3, n_dev=4).train) == 16  # 20 train rows minus dev
