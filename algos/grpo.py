@@ -24,8 +24,10 @@ DAPO also drops groups whose answers are all right or all wrong (dynamic samplin
 until B mixed groups exist) and shapes rewards of too-long answers (soft overlong punishment, Eq. 13)
 or masks truncated answers out of the loss (overlong filtering).
 
-Simplifications: the reward is a rule verifier (DeepSeekMath trained a reward model); one outer
-iteration (π_ref is the initial policy, Alg. 1 with I = 1). Std is Bessel-corrected (as TRL/verl) by
+Simplifications: the reward is a rule verifier (DeepSeekMath trained a reward model), 1/0 for GRPO and
+Dr. GRPO and ±1 for DAPO (whose Eq. 13 penalty is added to ±1); an answer cut off at L_max is wrong
+(Dr. GRPO's rule; `--grade-truncated` grades its text); one outer iteration (π_ref is the initial
+policy, Alg. 1 with I = 1). Std is Bessel-corrected (as TRL/verl) by
 default; `--adv-std population` gives the population std used in NFT's equivalence proof.
 """
 
@@ -93,6 +95,10 @@ class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, .
     """DAPO: truncated answers masked out (`filter`) or shaped reward (`soft`, Eq. 13)"""
     overlong_cache: int | None = None
     """L_cache of the soft overlong punishment (default max_new_tokens // 4)"""
+    reward: Literal["binary", "signed"] | None = None
+    """correctness reward: 1/0 (GRPO with a rule verifier, Dr. GRPO) or ±1 (DAPO, which adds Eq. 13 to it)"""
+    grade_truncated: bool = False
+    """grade an answer cut off at --max-new-tokens on its text (default: it is wrong, as in Dr. GRPO)"""
 
     RULES: ClassVar[dict[str, str]] = {
         "batch_size": "> 0", "group_size": ">= 2; a group of one has zero advantage", "weight_decay": ">= 0", "warmup_steps": ">= 0",
@@ -102,18 +108,20 @@ class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, .
     PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # questions are split across processes
 
 
-VARIANTS = {  # the fields a variant sets when they are left at None
-    "grpo": dict(beta=0.04, epsilon_high=0.2, loss_type="seq_mean_token_mean", adv_std="unbiased",
-                 dynamic_sampling=False, overlong="none"),
-    "dr_grpo": dict(beta=0.0, epsilon_high=0.2, loss_type="constant", adv_std="none",
-                    dynamic_sampling=False, overlong="none"),
-    "dapo": dict(beta=0.0, epsilon_high=0.28, loss_type="token_mean", adv_std="unbiased",
-                 dynamic_sampling=True, overlong="soft"),
+VARIANTS = {  # the fields a variant sets when they are left at None (GRPO and Dr. GRPO: ε_high = ε)
+    "grpo": dict(beta=0.04, loss_type="seq_mean_token_mean", adv_std="unbiased", dynamic_sampling=False,
+                 overlong="none", reward="binary"),
+    "dr_grpo": dict(beta=0.0, loss_type="constant", adv_std="none", dynamic_sampling=False, overlong="none",
+                    reward="binary"),
+    "dapo": dict(beta=0.0, epsilon_high=0.28, loss_type="token_mean", adv_std="unbiased", dynamic_sampling=True,
+                 overlong="soft", reward="signed"),
 }
 
 
 def resolve_variant(args: Args) -> Args:
     filled = {k: v for k, v in VARIANTS[args.variant].items() if getattr(args, k) is None}
+    if args.epsilon_high is None and "epsilon_high" not in filled:  # a symmetric clip follows --epsilon
+        filled["epsilon_high"] = args.epsilon
     if args.overlong_cache is None:
         filled["overlong_cache"] = args.max_new_tokens // 4
     return dataclasses.replace(args, **filled)
@@ -132,6 +140,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "unbiase
         sigma = r.std(dim=1, keepdim=True, unbiased=(std == "unbiased"))
         centred = torch.where(sigma > 0, centred / (sigma + eps), torch.zeros_like(centred))  # never 0/0
     return centred.flatten()
+
+
+def correctness_reward(correct: torch.Tensor, kind: str) -> torch.Tensor:
+    """1/0 (`binary`) or ±1 (`signed`, DAPO). The scale cancels under std normalisation, but not against
+    Eq. 13's length penalty (which DAPO adds to ±1) nor without std (Dr. GRPO), so each paper's is kept."""
+    return correct.clone() if kind == "binary" else 2 * correct - 1
 
 
 def mixed_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -205,13 +219,13 @@ def main(args: Args) -> dict:
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, gen_batch_size=args.gen_batch_size,
                 keep=(lambda c: mixed_groups(c, args.group_size)) if args.dynamic_sampling else None,
-                max_gen_batches=args.max_gen_batches)
+                max_gen_batches=args.max_gen_batches, grade_truncated=args.grade_truncated)
             # too few kept groups after max_gen_batches: train on rejected ones too (zero advantage;
             # every process needs the same batch size), logged as dropped_frac / gen_batches
             groups = generated.take(args.batch_size // world, fill_with_rejected=True)
             ro, correct, formatted = groups.rollout.to(device), groups.correct, groups.formatted
-            rewards = correct.clone()  # 0/1 verifier reward (its scale is irrelevant under std normalisation)
-            if args.overlong == "soft":  # DAPO Eq. 13, added to the correctness reward
+            rewards = correctness_reward(correct, args.reward)
+            if args.overlong == "soft":  # DAPO Eq. 13, added to the ±1 correctness reward
                 rewards += soft_overlong_penalty(ro.completion_mask.sum(1).cpu(), args.max_new_tokens, args.overlong_cache)
             elif args.overlong == "filter":  # DAPO overlong filtering: truncated answers carry no gradient
                 ro.completion_mask[ro.truncated] = 0

@@ -25,7 +25,11 @@ Aggregation: a token sum divided by a constant C (the official code: C = 1000 pe
 by default C = N·L_max, Dr. GRPO's constant, so `--loss-type constant` matches `algos/grpo.py`), or
 `token_mean` (DAPO's token-level normalisation, which the paper says it keeps). The official code also
 clamps log R_t at +10 before exp and r̂ to [0.02, 0.98] (inactive for K ≤ 50); both kept here.
-Simplifications: none beyond the choice of C above.
+Updates: as in the paper, each rollout is split into several mini-batches, one AdamW step each, so
+only the first is on-policy and the later ones use R ≠ 1 (the regime where NFT differs from GRPO);
+at this batch size (4 prompts × 8 answers) one group per mini-batch, 4 steps per rollout, against the
+paper's 16 of 32 prompts. An answer cut off at L_max is wrong ("no final answer", §3 step 2).
+Simplifications: none beyond the choice of C above and the mini-batch size.
 """
 
 import sys
@@ -64,14 +68,18 @@ class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, .
     """linear warm-up, in optimizer steps (10 in the paper)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    mini_batch_size: int | None = None
-    """sequences per optimizer step (None = the whole rollout; the paper: 16 mini-batches per rollout)"""
+    mini_batch_size: int | None = 8
+    """sequences per optimizer step, in whole groups (None = the whole rollout: one on-policy update).
+    The paper splits each rollout into 16 mini-batches of 32 prompts; at B = 4 prompts the closest is
+    one group per mini-batch, 4 updates per rollout, so only the first is on-policy (pitfall 6)"""
     micro_batch_size: int = 16
     """sequences per forward/backward on one process (gradient accumulation; no effect on the maths)"""
     gen_batch_size: int | None = None
     """rows per `generate` call (None = all at once)"""
     max_gen_batches: int = 10
     """most generation batches per step while collecting groups with 0 < r̂ < 1"""
+    grade_truncated: bool = False
+    """grade an answer cut off at --max-new-tokens on its text (default: it is wrong, "no final answer")"""
     prompt_weight: Literal["one", "one_minus_r", "sqrt"] = "one_minus_r"
     """ω(q): 1, 1 − r̂ (paper default; ≡ Dr. GRPO on-policy) or √((1 − r̂)/r̂) (≡ GRPO on-policy)"""
     neg_weight: float = 1.0
@@ -108,6 +116,11 @@ def prompt_weights(rhat: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown prompt weight {kind!r}")
 
 
+def negative_ratio(ratio: torch.Tensor, rhat: torch.Tensor) -> torch.Tensor:
+    """π_θ⁻ / π_old = (1 − r̂ R) / (1 − r̂): the implicit negative policy's ratio (the argument of max_v in Eq. 10)."""
+    return (1 - rhat * ratio) / (1 - rhat)
+
+
 def nft_loss(logp, old_logp, correct, rhat, omega, mask, *, eps=1.0, neg_weight=1.0, loss_type="constant",
              normaliser=None):
     """Eq. 10. logp [N, T] carries the gradient; old_logp [N, T] detached; correct [N] 0/1 labels;
@@ -121,7 +134,7 @@ def nft_loss(logp, old_logp, correct, rhat, omega, mask, *, eps=1.0, neg_weight=
     ratio = torch.exp(log_ratio)  # R_t
     r = rhat.to(logp.dtype).unsqueeze(1)
     pos = -log_ratio  # −log R_t: maximum likelihood on correct answers
-    proxy = (1 - r * ratio) / (1 - r)  # π_θ⁻ / π_old of the implicit negative policy
+    proxy = negative_ratio(ratio, r)
     neg = -torch.log(straight_through_max(proxy, eps))  # −log max_v(·, ε)
     c = correct.to(logp.dtype).unsqueeze(1)
     per_token = omega.to(logp.dtype).unsqueeze(1) * (c * pos + neg_weight * (1 - c) * neg)
@@ -173,7 +186,8 @@ def main(args: Args) -> dict:
             generated = sample_groups(
                 accelerator, model, tokenizer, task, stream, batch_size=args.batch_size, group_size=args.group_size,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, gen_batch_size=args.gen_batch_size,
-                keep=lambda c: informative_groups(c, args.group_size), max_gen_batches=args.max_gen_batches)
+                keep=lambda c: informative_groups(c, args.group_size), max_gen_batches=args.max_gen_batches,
+                grade_truncated=args.grade_truncated)
             # too few kept groups after max_gen_batches: train on rejected ones too (zero advantage;
             # every process needs the same batch size), logged as dropped_frac / gen_batches
             groups = generated.take(args.batch_size // world, fill_with_rejected=True)
@@ -194,7 +208,9 @@ def main(args: Args) -> dict:
             model.train()
             t2, sums = time.time(), {"loss": 0.0, "pos": 0.0, "neg": 0.0, "clip": 0.0, "grad_norm": 0.0, "n": 0}
             with run.atomic():  # Ctrl-C / SIGTERM wait for the end of the update: no half-updated checkpoint
-                for rows in torch.randperm(n_local, device=device).split(mini):
+                K = args.group_size  # mini-batches of whole groups, in a shuffled order (the code splits by prompts)
+                order = (torch.randperm(n_local // K)[:, None] * K + torch.arange(K)).flatten().to(device)
+                for rows in order.split(mini):
                     if args.loss_type == "constant":
                         normaliser = args.loss_constant or len(rows) * world * args.max_new_tokens
                     else:

@@ -73,12 +73,15 @@ class Groups:
 
 def sample_groups(accelerator, model, tokenizer, task, stream: PromptStream, *, batch_size: int, group_size: int,
                   max_new_tokens: int, temperature: float, gen_batch_size: int | None = None,
-                  keep: Callable[[torch.Tensor], torch.Tensor] | None = None, max_gen_batches: int = 1) -> Groups:
+                  keep: Callable[[torch.Tensor], torch.Tensor] | None = None, max_gen_batches: int = 1,
+                  grade_truncated: bool = False) -> Groups:
     """Draw `batch_size` prompts per generation batch (split across processes), sample `group_size`
     answers each and verify them. With `keep` (correct [n·G] -> bool [n]), generate further batches,
     at most `max_gen_batches`, until every process holds batch_size/world kept groups. Returns every
     group generated on this process with its `kept` flag; what to do with too few kept groups is the
-    caller's decision (`Groups.take`). Every process runs the same number of batches."""
+    caller's decision (`Groups.take`). Every process runs the same number of batches.
+    An answer cut off at `max_new_tokens` (no EOS) is wrong unless `grade_truncated`, before `keep`
+    sees it: half an answer is not an answer, even when its last number happens to match."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank, G = batch_size // world, group_size
     rollouts, problems, correct, formatted, kept = [], [], [], [], []
@@ -89,6 +92,8 @@ def sample_groups(accelerator, model, tokenizer, task, stream: PromptStream, *, 
                       temperature=temperature, batch_size=gen_batch_size)
         verdicts = [task.verify(text, batch[j // G]) for j, text in enumerate(ro.texts)]
         c = torch.tensor([v.correct for v in verdicts], dtype=torch.float32)
+        if not grade_truncated:
+            c = c * (~ro.truncated.cpu()).float()
         rollouts.append(ro)
         problems += batch
         correct.append(c)

@@ -79,11 +79,13 @@ def test_k3_value_and_gradient():
 
 
 def test_k3_is_nonnegative():
+    """The loss's own per-token KL (one token per call, Â = 0, β = 1): never negative, 0 only at π_ref = π_θ."""
     gen = torch.Generator().manual_seed(0)
-    logp, ref = -torch.rand(64, 8, generator=gen) * 5, -torch.rand(64, 8, generator=gen) * 5
-    _, stats = grpo_loss(logp, logp, ref, torch.zeros(64), torch.ones(64, 8), beta=1.0)
-    log_q = ref - logp
-    assert ((torch.exp(log_q) - log_q - 1) >= 0).all() and stats["kl"].item() > 0
+    logp, ref = -torch.rand(256, generator=gen) * 5, -torch.rand(256, generator=gen) * 5
+    ref[:8] = logp[:8]
+    kls = [grpo_loss(a.view(1, 1), a.view(1, 1), b.view(1, 1), torch.zeros(1), torch.ones(1, 1), beta=1.0)[1]["kl"].item()
+           for a, b in zip(logp, ref)]
+    assert all(k >= 0 for k in kls) and kls[:8] == [0.0] * 8 and min(kls[8:]) > 0
 
 
 # ---------------------------------------------------------------- T4 aggregation
@@ -183,6 +185,28 @@ def test_soft_overlong_punishment():
     assert torch.allclose(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
 
 
+# ---------------------------------------------------------------- presets
+def test_presets_symmetric_clip_follows_epsilon_and_dapo_uses_signed_rewards():
+    from algos.grpo import Args, resolve_variant
+
+    assert resolve_variant(Args(variant="grpo", epsilon=0.1)).epsilon_high == 0.1  # [0.9, 1.1], not [0.9, 1.2]
+    assert resolve_variant(Args(variant="dr_grpo", epsilon=0.1, epsilon_high=0.3)).epsilon_high == 0.3
+    dapo = resolve_variant(Args(variant="dapo"))
+    assert (dapo.epsilon, dapo.epsilon_high, dapo.reward, dapo.overlong) == (0.2, 0.28, "signed", "soft")
+    assert resolve_variant(Args(variant="dapo", reward="binary")).reward == "binary"  # a given flag wins
+
+
+def test_dapo_overlong_penalty_is_half_the_correctness_gap():
+    """DAPO adds Eq. 13 (down to −1) to a ±1 reward: a correct answer at the length limit scores 0, midway
+    between right (1) and wrong (−1). On a 0/1 scale the same penalty would count double."""
+    from algos.grpo import Args, correctness_reward, resolve_variant
+
+    correct, lengths = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([10, 20, 10])
+    reward = correctness_reward(correct, resolve_variant(Args(variant="dapo")).reward)
+    assert (reward + soft_overlong_penalty(lengths, max_len=20, cache=4)).tolist() == [1.0, 0.0, -1.0]
+    assert correctness_reward(correct, resolve_variant(Args(variant="grpo")).reward).tolist() == [1.0, 1.0, 0.0]
+
+
 # ---------------------------------------------------------------- smoke runs (subprocess)
 TINY = ["--model", "tiny", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "8",
         "--n-train", "64", "--n-test", "8", "--eval-every", "1", "--save-every", "1"]
@@ -223,7 +247,12 @@ def test_smoke_writes_metrics_and_checkpoint(tmp_path, variant):
     assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["optimizer"]["state"]  # Adam moments were written
-    assert json.loads((run / "args.json").read_text())["variant"] == variant
+    saved = json.loads((run / "args.json").read_text())
+    assert saved["variant"] == variant and saved["algo"] == "grpo"
+    # args.json records what ran: the variant's presets, not the None they started as
+    expected = {"grpo": dict(beta=0.04, epsilon_high=0.2, loss_type="seq_mean_token_mean", reward="binary"),
+                "dapo": dict(beta=0.0, epsilon_high=0.28, loss_type="token_mean", reward="signed")}[variant]
+    assert {k: saved[k] for k in expected} == expected
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from algos.grpo import group_advantages, grpo_loss
-from algos.nft import group_rate, informative_groups, nft_loss, prompt_weights, straight_through_max
+from algos.nft import group_rate, informative_groups, negative_ratio, nft_loss, prompt_weights, straight_through_max
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,15 @@ def test_negative_token_off_policy(R, eps, value, grad):
     v, g = _one_token(R, 0, eps=eps)
     assert math.isfinite(v) and v == pytest.approx(value, abs=1e-6)
     assert g == pytest.approx(grad, abs=1e-6)
+
+
+@pytest.mark.parametrize("R,proxy", [(2.0, 0.666667), (5.0, -0.333333), (0.5, 1.166667)])
+def test_negative_proxy_values(R, proxy):
+    """N5's proxy (1 − r̂R)/(1 − r̂) at r̂ = 0.25, and that nft_loss's negative term is −log max_v(proxy, ε)."""
+    assert negative_ratio(torch.tensor(R), torch.tensor(0.25)).item() == pytest.approx(proxy, abs=1e-6)
+    for eps in (0.5, 1.0):
+        v, _ = _one_token(R, 0, eps=eps, omega=1.0)
+        assert v == pytest.approx(-math.log(max(proxy, eps)), abs=1e-6)
 
 
 @pytest.mark.parametrize("R,value", [(0.5, 0.519860), (2.0, -0.519860)])
@@ -101,6 +110,19 @@ def test_token_sum_aggregation_duplicating_an_answer_doubles_its_gradient():
         loss.backward()
         return logp.grad.sum().item()
     assert grad_of(2) == pytest.approx(2 * grad_of(1), rel=1e-12)
+
+
+def test_token_sum_aggregation_weighs_every_token_alike_whatever_its_answers_length():
+    """N9 with answers of different lengths: a token sum over a constant gives each token of a 1-token and a
+    3-token answer the same gradient; a per-answer mean (1/|a|) would give the short answer's token 3x."""
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1], [1, 1, 0]])
+    for correct, R in ((1.0, 0.7 / 0.5), (0.0, 1.3)):  # a positive and a negative token
+        logp = torch.full((3, 3), math.log(R), dtype=torch.float64, requires_grad=True)
+        loss, _ = nft_loss(logp, torch.zeros_like(logp), torch.full((3,), correct), torch.full((3,), 0.25),
+                           torch.full((3,), 0.75), mask, normaliser=10.0)
+        loss.backward()
+        g = logp.grad[mask.bool()]
+        assert torch.allclose(g, g[0].expand_as(g)) and g[0] != 0 and (logp.grad[~mask.bool()] == 0).all()
 
 
 # ---------------------------------------------------------------- N4: NFT ≡ GRPO on-policy, on a tiny model
@@ -190,4 +212,25 @@ def test_smoke_writes_metrics_and_checkpoint(tmp_path, extra):
     assert [r["step"] for r in train] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["nft/neg_weight"] == (0.0 if extra else 1.0) for r in train)
     assert (run / "checkpoint" / "model.safetensors").exists()
-    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    # the default mini-batch (8 answers) splits each 8-answer rollout... here 2 groups of 4: one update
+    # per rollout step; the off-policy split is tested below
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}
+    args = json.loads((run / "args.json").read_text())
+    assert args["algo"] == "nft" and (args["neg_weight"], args["prompt_weight"]) == ((0.0, "one") if extra else (1.0, "one_minus_r"))
+
+
+@pytest.mark.slow
+def test_default_rollout_is_split_into_four_off_policy_updates(tmp_path):
+    """NFT's own regime (issue: with one mini-batch per rollout NFT's gradient is Dr. GRPO's): by default
+    a rollout of B = 4 groups of K = 8 is trained as 4 mini-batches of one group, 4 optimizer steps."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "algos" / "nft.py"), "--model", "tiny", "--total-steps", "1",
+           "--max-new-tokens", "4", "--n-train", "64", "--n-test", "4", "--n-dev", "4", "--max-gen-batches", "1",
+           "--output-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}

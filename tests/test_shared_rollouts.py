@@ -79,3 +79,18 @@ def test_two_processes_keep_generating_until_the_short_one_has_enough(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["batches"] == r1["batches"] == 2  # both ran a second batch, in lockstep
     assert r1["kept"] >= 2 and r0["kept"] >= 2
+
+
+def test_truncated_answers_are_wrong_unless_graded_on_their_text():
+    """A 24-token answer cut off mid-way can still end in the right number; by default it is wrong."""
+    from shared.verifiers import Verdict
+
+    model, tok = load_model("tiny", device="cpu", log=lambda *a: None)
+    task = load_task("arith", n_train=8, n_test=1)
+    task.verify = lambda text, p: Verdict(True, True, text)  # every text "matches"
+    for grade, expected in ((False, 0.0), (True, 1.0)):
+        torch.manual_seed(0)
+        g = sample_groups(OneProcess(), model, tok, task, PromptStream(8, 0), batch_size=2, group_size=4,
+                          max_new_tokens=3, temperature=1.0, grade_truncated=grade)
+        assert g.truncated.any()
+        assert (g.correct[g.truncated] == expected).all() and (g.correct[~g.truncated] == 1.0).all()
