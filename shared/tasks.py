@@ -367,7 +367,7 @@ def _gsm8k_task(seed: int, n_train: int, n_test: int) -> Task:
     order = _shuffled(len(ds["train"]), seed, "gsm8k")[:n_train]
     train = [_gsm8k_problem(ds["train"][i]) for i in order]
     test = [_gsm8k_problem(ds["test"][i]) for i in range(min(n_test, len(ds["test"])))]
-    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="last_number")
+    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="answer_or_last_number")
 
 
 def _math500_task(seed: int, n_train: int, n_test: int) -> Task:

@@ -449,6 +449,20 @@ def test_known_misses(text, gold, mode):
     assert verify_math(text, gold, mode).correct
 
 
+def test_gsm8k_task_grades_the_answer_line(monkeypatch):
+    """The GSM8K prompt asks for "Answer: <number>"; a remark after that line must not count."""
+    from shared import tasks as T
+
+    rows = [{"question": "Q?", "answer": "6 * 7 = 42\n#### 42"}] * 2
+    monkeypatch.setattr(T, "_load_hub_dataset", lambda task, path, config=None: {
+        "train": rows, "test": rows})
+    task = T.load_task("gsm8k", n_train=1, n_test=1)
+    problem = task.test[0]
+    assert task.reward("6 * 7 = 42.\nAnswer: 42\nThat took 7 steps.", problem) == 1.0
+    assert task.reward("Answer: 41\nOr maybe 6 * 7 = 42.", problem) == 0.0
+    assert task.reward("So it is 42.", problem) == 1.0  # no Answer line: the last number
+
+
 # math-verify (Hugging Face's sympy-based grader) as a second opinion on the boxed cases. Test
 # only: it calls sympy on the text, which training code must never do. Each disagreement is
 # listed with its reason; a new one fails the test.
