@@ -7,7 +7,7 @@ Built-in tasks run offline and are generated from a seed:
              `shared.steps.check_steps` grades a model's steps exactly (see MULTISTEP_LEVELS)
   countdown  reach a target with + - * / using each given number once (always solvable)
 Hugging Face adapters (need the Hub, or a local cache with HF_HUB_OFFLINE=1):
-  gsm8k         openai/gsm8k "main"; gold after "####"; last-number verification
+  gsm8k         openai/gsm8k "main"; gold after "####"; the "Answer:" line, else the last number
   math500       HuggingFaceH4/MATH-500; \\boxed{} verification
   countdown-hf  Jiayi-Pan/Countdown-Tasks-3to4 (nums, target); Countdown verification
 
@@ -91,7 +91,7 @@ class Task:
     train: list[Problem]
     test: list[Problem]
     system_prompt: str | None
-    mode: str = "last_number"  # verification: "last_number", "boxed", "answer" or "countdown"
+    mode: str = "last_number"  # verification: "last_number", "boxed", "answer", "answer_or_last_number" or "countdown"
     dev: list[Problem] = field(default_factory=list)  # for selection and early stopping, disjoint from both
 
     def verify(self, completion: str, problem: Problem) -> Verdict:
@@ -484,7 +484,7 @@ def _gsm8k_task(seed: int, n_train: int, n_test: int, n_dev: int = 0) -> Task:
     order = [i for i in _shuffled(len(ds["train"]), seed, "gsm8k") if i not in held][:n_train]
     train = [_gsm8k_problem(ds["train"][i]) for i in order]
     test = [_gsm8k_problem(ds["test"][i]) for i in range(min(n_test, len(ds["test"])))]
-    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="last_number",
+    return Task(name="gsm8k", train=train, test=test, system_prompt=None, mode="answer_or_last_number",
                 dev=[_gsm8k_problem(ds["train"][i]) for i in dev_rows])
 
 

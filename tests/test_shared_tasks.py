@@ -241,7 +241,7 @@ def test_gsm8k_adapter(monkeypatch):
     splits = {"train": FakeSplit(rows[:20]), "test": FakeSplit(rows[20:])}
     fake_hub(monkeypatch, {"openai/gsm8k": splits})
     task = load_task("gsm8k", seed=0, n_train=5, n_test=3)
-    assert task.mode == "last_number" and len(task.train) == 5 and len(task.test) == 3
+    assert task.mode == "answer_or_last_number" and len(task.train) == 5 and len(task.test) == 3
     assert [p.answer for p in task.test] == ["20000", "21000", "22000"]  # commas dropped
     assert task.test[0].prompt.startswith("Q20?\n")
     assert task.reward("so the total is 20,000 dollars.\nAnswer: 20000", task.test[0]) == 1.0
