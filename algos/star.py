@@ -138,7 +138,7 @@ class Args(LMArgs):  # the experiment flags (--model, --lr, ...) come from share
         "micro_batch_size": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "max_grad_norm": "> 0",
         "gen_batch_size": "> 0", "group_size": ">= 1", "pass_s": ">= 1", "subset_size": ">= 0",
         "monitor_temperature": ">= 0", "temperatures": "> 0", "thresholds": "[-1, 2]", "threshold": "[-1, 2]",
-        "num_selected": ">= 1"}
+        "num_selected": ">= 1", "n_dev": ">= 1; the dev split picks the best iteration"}
     PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # SFT examples are split across processes
 
     def check(self) -> None:
@@ -523,15 +523,17 @@ def finetune(lm: LM, examples: list[Example], steps: int, args: Args, generator:
 
 # ------------------------------------------------------------------------------------ evaluation and selection
 def evaluate_iteration(run: Run, lm: LM, it: int, args: Args, best: dict) -> dict:
-    """Greedy held-out accuracy after iteration `it`; the best iteration's weights go to `best/` (§3 step 6)."""
-    res = run.evaluate(lm, it, args.max_new_tokens)
-    if res["accuracy"] > best["accuracy"]:
-        best.update(accuracy=res["accuracy"], iteration=it)
+    """§3 step 6: greedy accuracy on dev picks the best iteration (its weights go to `best/`) and drives
+    --patience; test accuracy is logged at the same point and never used to choose. Returns the test result."""
+    dev = run.evaluate(lm, it, args.max_new_tokens, problems=run.task.dev, split="dev")
+    test = run.evaluate(lm, it, args.max_new_tokens)
+    if dev["accuracy"] > best["dev_accuracy"]:
+        best.update(iteration=it, dev_accuracy=dev["accuracy"], test_accuracy=test["accuracy"])
         if run.accelerator.is_main_process:
             lm.policy.save_pretrained(run.dir / "best")
             lm.tokenizer.save_pretrained(run.dir / "best")
-    run.logger.log({"star/best_accuracy": best["accuracy"], "star/best_iteration": best["iteration"]}, it)
-    return res
+    run.logger.log({f"star/best_{k}": v for k, v in best.items()}, it)
+    return test
 
 
 # ------------------------------------------------------------------------------------ main
@@ -545,7 +547,7 @@ def main(args: Args) -> dict:
     prm = process_reward(args, acc.device)
     M = len(task.train)
     nstar = n_star(args.num_selected or math.ceil(M * 67500 / 11500), M)  # the paper's N/M unless --num-selected
-    it, best = state.get("iteration", 0), state.get("best", {"accuracy": -1.0, "iteration": 0})
+    it, best = state.get("iteration", 0), state.get("best", {"iteration": 0, "dev_accuracy": -1.0, "test_accuracy": -1.0})
     before = evaluate_iteration(run, lm, 0, args, best) if it == 0 else None
     last = before
     if args.mode == "bstar":
@@ -609,7 +611,7 @@ def main(args: Args) -> dict:
             run.save(lm, iteration=it, best=best)
             bar.update(1)
             if args.patience and it - best["iteration"] >= args.patience:
-                log(f"no better iteration for {args.patience} iterations: stopping (§3 step 6)")
+                log(f"no better dev accuracy for {args.patience} iterations: stopping (§3 step 6)")
                 break
     except KeyboardInterrupt:
         log(f"\ninterrupted in iteration {it + 1}; --resume {run.dir} redoes it from the iteration-{it} checkpoint")
@@ -617,7 +619,8 @@ def main(args: Args) -> dict:
     finally:
         bar.close()
         run.close()
-    log(f"best iteration {best['iteration']} (weights in {run.dir / 'best'})")
+    log(f"best iteration on dev: {best['iteration']} (dev {best['dev_accuracy']:.3f}, test {best['test_accuracy']:.3f}; "
+        f"weights in {run.dir / 'best'})")
     return run.summary(lm, before, last) | {"best": best}
 
 

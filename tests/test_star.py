@@ -275,7 +275,7 @@ def test_star_restarts_from_base_and_bstar_continues(restart):
 
 
 # ---------------------------------------------------------------- in-process runs that train
-SMALL = dict(model="tiny", n_train=6, n_test=4, subset_size=3, group_size=2, max_new_tokens=6, steps=2,
+SMALL = dict(model="tiny", n_train=6, n_test=4, n_dev=4, subset_size=3, group_size=2, max_new_tokens=6, steps=2,
              iterations=2, batch_size=2, temperatures=(0.7, 1.0), warmup_steps=0)
 
 
@@ -379,6 +379,29 @@ def test_bstar_with_a_prm_checkpoint(tmp_path, monkeypatch):
     assert r["bstar/threshold_search"] == 1.0 and r["star/selected"] > 0  # wrong answers with r_prm > τ kept (§7.10)
 
 
+def test_best_iteration_and_early_stopping_follow_dev_not_test(tmp_path, monkeypatch):
+    """Dev peaks at iteration 1, test at 3: the best iteration is 1 (its test accuracy is what is reported),
+    --patience 2 stops after iteration 3, and test is evaluated once per evaluation point, on its own split."""
+    import shared.evaluation
+    _answers_by_query(monkeypatch, 6, lambda q, t, k, h: [(task.train[q].meta["solution"], True)] * k)
+    task = load_task("multistep", seed=0, n_train=6, n_test=4, n_dev=4)
+    curve = {"dev": [0.25, 0.75, 0.5, 0.5, 0.5], "test": [0.25, 0.25, 0.5, 1.0, 1.0]}
+    seen = {"dev": [], "test": []}
+
+    def fake_evaluate(model, tokenizer, task_, problems, *a, **k):
+        split = "dev" if [p.prompt for p in problems] == [p.prompt for p in task.dev] else "test"
+        assert split == "dev" or [p.prompt for p in problems] == [p.prompt for p in task.test]
+        seen[split].append(1)
+        return {"accuracy": curve[split][len(seen[split]) - 1], "format_rate": 1.0, "completion_len": 1.0}
+    monkeypatch.setattr(shared.evaluation, "evaluate", fake_evaluate)
+    out = star.main(star.Args(**dict(SMALL, iterations=5), patience=2, output_dir=str(tmp_path)))
+    rows = _rows(out["run_dir"])
+    assert [r["step"] for r in rows if "dev/accuracy" in r] == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2, 3]
+    assert out["best"] == {"iteration": 1, "dev_accuracy": 0.75, "test_accuracy": 0.25}
+    assert rows[-1]["star/best_iteration"] == 1 and rows[-1]["star/best_test_accuracy"] == 0.25
+    assert {p.prompt for p in task.dev}.isdisjoint({p.prompt for p in task.test + task.train})
+
+
 def test_arith_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         star.main(star.Args(model="tiny", task="arith"))
@@ -386,7 +409,7 @@ def test_arith_is_refused(capsys):
 
 
 # ---------------------------------------------------------------- smoke runs (subprocess)
-TINY = ["--n-train", "6", "--n-test", "4", "--subset-size", "3", "--group-size", "2",
+TINY = ["--n-train", "6", "--n-test", "4", "--n-dev", "4", "--subset-size", "3", "--group-size", "2",
         "--max-new-tokens", "40", "--steps", "2", "--temperatures", "0.7", "1.0"]
 
 
@@ -433,7 +456,7 @@ def test_smoke_star_fine_tunes_on_its_own_right_answers(tmp_path, taught_tiny):
     (it,) = [r for r in rows if "star/selected" in r]
     assert it["train/accuracy"] >= 3 / 6 and it["star/selected"] >= 3 and it["train/steps"] == 2  # it trained
     assert it["star/kept_wrong_step"] == 0.0 and it["star/dist_from_base"] > 0 and math.isfinite(it["train/loss"])
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [r["step"] for r in rows if "dev/accuracy" in r] == [0, 1]
     assert (run / "checkpoint" / "model.safetensors").exists() and (run / "best" / "config.json").exists()
 
 
@@ -449,7 +472,7 @@ def test_smoke_bstar_searches_tau_and_trains(tmp_path, taught_tiny):
 def test_bstar_interrupted_and_resumed_matches_a_straight_run(tmp_path, taught_tiny, monkeypatch):
     """Ctrl-C in iteration 2 of a 2-iteration run, then --resume: the same metrics, weights, Adam moments and
     RNG as a straight run (the cosine horizon depends on --iterations, so both legs use the same value)."""
-    args = dict(model=taught_tiny, n_train=6, n_test=4, subset_size=3, group_size=2, max_new_tokens=40, steps=2,
+    args = dict(model=taught_tiny, n_train=6, n_test=4, n_dev=4, subset_size=3, group_size=2, max_new_tokens=40, steps=2,
                 temperatures=(0.7, 1.0), mode="bstar", iterations=2)
     straight = star.main(star.Args(**args, output_dir=str(tmp_path / "straight")))
     real, calls = star.finetune, []
