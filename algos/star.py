@@ -22,24 +22,20 @@ that maximise the balance score on a query subset, then sample at t and keep r >
     (t_i, τ_i) = argmax_{t ∈ T, τ ∈ Θ} mean_i bs_i                      on a query subset, with P_{i−1} (§3)
 n_i: selected distinct answers of query i; n'_i: the right ones among them.
 
-The task must ask for reasoning: by default `multistep` ("7 - 5 = 2", "2 + 8 = 10", "Answer: 10"),
-whose problems carry their numbers, so `shared.steps.check_steps` grades every step exactly. `arith`
-("Give only the final number") is refused: STaR would fine-tune on bare answers. The process reward
-r_prm comes from that checker unless `--prm PATH` names a PRM checkpoint:
-    r_prm = +1 when every step is right and uses only numbers of the problem or of earlier steps;
-            −1 + 2j/m when the first wrong step is step j (0-based) of m; −1 without any step,
-so a right answer reached through a wrong step (r < 2) ranks below a clean one (r = 2), and a wrong
-answer with clean steps (r = 1) can pass a low τ: the exploitation term n'/n then has work to do.
-n* keeps the paper's ratio N/M = 67,500/11,500 (n* = 6, whatever M and K; `--num-selected` sets N).
+The task must ask for reasoning: `multistep` by default ("7 - 5 = 2", "2 + 8 = 10", "Answer: 10"),
+whose steps `shared.steps.check_steps` grades exactly; `arith` ("Give only the final number") is refused.
+That checker is r_prm unless `--prm PATH` names a PRM checkpoint: +1 when every step is right and uses
+only numbers of the problem or of earlier steps, −1 + 2j/m when the first wrong step is j (0-based) of
+m, −1 without steps. A right answer through a wrong step (r < 2) ranks below a clean one (r = 2); a
+wrong answer with clean steps (r = 1) passes a low τ, so the exploitation term n'/n has work to do.
+n* keeps the paper's N/M = 67,500/11,500: n* = 6 whatever M and K (`--num-selected` sets N).
 
-Choices and simplifications (spec §7 lists the code/paper differences): a chat prompt instead of
-STaR's ten few-shot exemplars (the instruct model needs no format demonstration), so the hint is a
-sentence appended to the question and gives the final answer only (pitfall 2); answers that never
-end within --max-new-tokens are dropped (as B-STaR drops outputs without "# Answer"); τ is searched
-on the subset as in the paper (not on the full set as in the code); no per-query cap and no gold
-solutions added to the candidates (code-only, §7.5–7.6); the step checker as r_prm is our extension
-(the paper trains a PRM); greedy accuracy on the task's dev split picks the best iteration and drives
---patience, the test split is only reported; P_0 is the instruct model (no SFT epoch of our own).
+Choices (spec §7 lists the code/paper differences): a chat prompt instead of ten few-shot exemplars,
+so the hint is a sentence giving the final answer only (pitfall 2); answers that never end within
+--max-new-tokens are dropped (as B-STaR drops outputs without "# Answer"); τ is searched on the subset
+as in the paper; no per-query cap and no gold solutions among the candidates (code-only, §7.5–7.6);
+the step checker as r_prm is our extension; greedy accuracy on the dev split picks the best iteration
+and drives --patience, test is only reported; P_0 is the instruct model (no SFT epoch of our own).
 """
 
 import sys
@@ -73,8 +69,7 @@ from shared.steps import check_steps
 @dataclass
 class Args(LMArgs):  # the experiment flags (--model, --lr, ...) come from shared/args.py
     task: str = "multistep"
-    """a task whose answers carry reasoning: `multistep` (step by step, steps checked exactly), `gsm8k`,
-    `math500`, `countdown`, `countdown-hf`; not `arith` (its prompt asks for the final number only)"""
+    """a task whose answers carry reasoning: multistep, gsm8k, math500, countdown(-hf); not arith"""
     iterations: int = 3
     """outer iterations (STaR n = 1..N_iter; B-STaR i = 1..I, 9 in the paper)"""
     patience: int = 0
@@ -130,8 +125,7 @@ class Args(LMArgs):  # the experiment flags (--model, --lr, ...) come from share
     num_selected: int | None = None
     """N: answers wanted per iteration, n* = ⌈N/M⌉ (None: the paper's ratio 67,500 per 11,500 queries, n* = 6)"""
     prm: str = "auto"
-    """r_prm: `auto` (the exact step checker on multistep, none elsewhere), `steps`, `none` (r = 1[correct]),
-    or a PRM checkpoint (HF sequence classification, one logit per step prefix)"""
+    """r_prm: `auto` (step checker on multistep, else none), `steps`, `none`, or a PRM checkpoint (HF, one logit)"""
 
     RULES: ClassVar[dict[str, str]] = {
         "iterations": ">= 1", "patience": ">= 0", "steps": ">= 0", "step_growth": "> 0", "batch_size": "> 0",
@@ -178,14 +172,12 @@ class Sample:
     text: str
     ids: list[int]
     correct: bool
-    reward: float
+    reward: float  # r = 1[correct] (+ r_prm)
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """L(θ) = −Σ mask · log p_θ / Σ mask over completion tokens only (§2; prompt tokens never enter logp).
-
-    `num_tokens`: the completion tokens of the whole batch (all micro-batches and processes), so summing
-    micro-batch losses gives the batch's token mean."""
+    """L(θ) = −Σ mask · log p_θ / Σ mask over completion tokens only (§2; prompt tokens never enter logp); `num_tokens`:
+    the whole batch's completion tokens (all micro-batches and processes), so micro-batch losses sum to its mean."""
     mask = mask.to(logp.dtype)
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
     return -(logp * mask).sum() / num_tokens
@@ -215,9 +207,7 @@ def step_reward(text: str, numbers: list[int]) -> float:
     """r_prm from the exact step checker: +1 if every step is right and grounded, −1 + 2j/m if the first
     wrong step is j (0-based) of m steps, −1 if there is no step (an extension: B-STaR learns its PRM)."""
     report = check_steps(text, numbers)
-    if report.all_ok:
-        return 1.0
-    return -1.0 + 2.0 * (report.first_error or 0) / max(len(report.steps), 1)
+    return 1.0 if report.all_ok else -1.0 + 2.0 * (report.first_error or 0) / max(len(report.steps), 1)
 
 
 def prm_min_score(step_logits: torch.Tensor) -> float:
@@ -227,12 +217,11 @@ def prm_min_score(step_logits: torch.Tensor) -> float:
 
 def select(samples: list[Sample], tau: float) -> list[Sample]:
     """Keep r > τ (strict), deduplicated by the exact output text (§2, §7.9): n_i = len(result)."""
-    kept, seen = [], set()
+    kept = {}
     for s in samples:
-        if s.reward > tau and s.text not in seen:
-            seen.add(s.text)
-            kept.append(s)
-    return kept
+        if s.reward > tau:
+            kept.setdefault(s.text, s)
+    return list(kept.values())
 
 
 def balance_terms(groups: list[list[Sample]], tau: float, nstar: int) -> tuple[float, float, float]:
@@ -253,13 +242,8 @@ def balance_score(groups: list[list[Sample]], tau: float, nstar: int) -> float:
 
 def search_config(by_temperature: dict[float, list[list[Sample]]], taus, nstar: int) -> tuple[float, float, float]:
     """(t_i, τ_i, BS) = argmax over T × Θ; ties keep the first maximum (lower t, then lower τ; §7.9)."""
-    best = None
-    for t in sorted(by_temperature):
-        for tau in sorted(taus):
-            bs = balance_score(by_temperature[t], tau, nstar)
-            if best is None or bs > best[2]:
-                best = (t, tau, bs)
-    return best
+    return max(((t, tau, balance_score(by_temperature[t], tau, nstar)) for t in sorted(by_temperature)
+                for tau in sorted(taus)), key=lambda c: c[2])  # max keeps the first of equal maxima
 
 
 _EQUATIONS = re.compile(r"\$([^$]+)\$|<<([^>]+)>>|\\\[(.+?)\\\]"  # the B-STaR code's delimiters
@@ -293,16 +277,11 @@ def monitor_metrics(groups: list[list[Sample]], s: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ STaR: Alg. 1 lines 3–6
-def hint_question(problem, template: str, task_mode: str) -> str:
-    """The rationalization question: the hint is the final answer only, never a reference solution
-    (pitfall 2; for countdown the final answer is an equation, so the stored solution is it)."""
-    answer = problem.meta.get("solution", problem.answer) if task_mode == "countdown" else problem.answer
-    return template.format(prompt=problem.prompt, answer=answer)
-
-
 def question(tokenizer, task, problem, hint_template: str | None = None) -> str:
-    """x_i as the chat prompt; with `hint_template`, add_hint(x_i, y_i), the rationalization question."""
-    user = problem.prompt if hint_template is None else hint_question(problem, hint_template, task.mode)
+    """x_i as the chat prompt; with `hint_template`, add_hint(x_i, y_i), the rationalization question. The hint
+    is the final answer only, never a reference solution (pitfall 2; countdown's final answer is an equation)."""
+    answer = problem.meta.get("solution", problem.answer) if task.mode == "countdown" else problem.answer
+    user = problem.prompt if hint_template is None else hint_template.format(prompt=problem.prompt, answer=answer)
     return chat_prompt(tokenizer, user, task.system_prompt)
 
 
@@ -343,15 +322,14 @@ def star_collect(lm: LM, task, problems: dict, args: Args) -> tuple[list[Example
     return d_n + d_rat, {"solved": len(d_n), "rationalized": len(d_rat)}
 
 
-def gather(items: list, accelerator) -> list:
-    """The concatenation of every process's `items` (this process's list alone when there is one)."""
+def gather(items: list, accelerator) -> list:  # every process's `items`, concatenated
     return gather_object(items) if accelerator.num_processes > 1 else items
 
 
 def wrong_step_rate(examples: list[Example], task) -> float:
     """Share of kept answers with a wrong, ungrounded or missing step (NaN without step ground truth):
     right answers reached by bad reasoning, the failure the STaR paper saw at temperature > 0."""
-    if not examples or "numbers" not in task.train[0].meta or task.mode == "countdown":
+    if not examples or task.name != "multistep":
         return float("nan")
     return sum(not check_steps(e.text, task.train[e.query].meta["numbers"]).all_ok for e in examples) / len(examples)
 
@@ -389,8 +367,7 @@ class ProcessReward:
         return [prm_min_score(logits[owner == j]) for j in range(len(solutions))]
 
 
-def step_rewards(problem, solutions: list[str]) -> list[float]:
-    """r_prm of each solution from the exact step checker (the problem's numbers ground the steps)."""
+def step_rewards(problem, solutions: list[str]) -> list[float]:  # r_prm of each solution, exact
     return [step_reward(s, problem.meta["numbers"]) for s in solutions]
 
 
@@ -548,24 +525,21 @@ def main(args: Args) -> dict:
     M = len(task.train)
     nstar = n_star(args.num_selected or math.ceil(M * 67500 / 11500), M)  # the paper's N/M unless --num-selected
     it, best = state.get("iteration", 0), state.get("best", {"iteration": 0, "dev_accuracy": -1.0, "test_accuracy": -1.0})
-    before = evaluate_iteration(run, lm, 0, args, best) if it == 0 else None
-    last = before
+    before = last = evaluate_iteration(run, lm, 0, args, best) if it == 0 else None
     if args.mode == "bstar":
-        log(f"bstar: n* = {nstar}; " + (f"r = 1[correct] + r_prm ({args.prm}), τ searched over {len(args.thresholds)} values"
-                                       if prm else f"no process reward, so r = 1[correct] and τ = {args.threshold}"))
-    bar = tqdm(total=args.iterations, initial=it, desc=args.mode, disable=not acc.is_main_process)
+        log(f"bstar: n* = {nstar}; " + (f"r = 1[correct] + r_prm ({args.prm}), τ searched" if prm else
+                                       f"no process reward, so r = 1[correct] and τ = {args.threshold}"))
     try:
         for n in range(it + 1, args.iterations + 1):
             t0, metrics = time.time(), {}
-            lm.model.eval()
             subset = sorted(random.Random(f"{args.seed}/{n}").sample(range(M), min(args.subset_size, M)))
 
             # ---- B-STaR only (§3 steps 2–3): (t_n, τ_n) = argmax_{t,τ} BS(t, τ) on the subset, from M_{n−1}
             if args.mode == "bstar":
                 t_n, tau_n, by_t, metrics, grid = search_configuration(lm, task, subset, args, prm, nstar)
                 monitor = by_t.get(args.monitor_temperature)
-                if acc.is_main_process:
-                    with open(run.dir / "bstar_search.jsonl", "a") as f:  # BS, exploration, exploitation per (t, τ)
+                if acc.is_main_process:  # BS, exploration, exploitation at every (t, τ)
+                    with open(run.dir / "bstar_search.jsonl", "a") as f:
                         f.write(json.dumps({"iteration": n, "t": t_n, "tau": tau_n, "grid": grid}) + "\n")
             else:  # STaR: greedy (r ∈ {0, 1}, kept iff correct)
                 t_n, tau_n, monitor = args.temperature, args.threshold, None
@@ -609,7 +583,6 @@ def main(args: Args) -> dict:
             it = n
             last = evaluate_iteration(run, lm, it, args, best)
             run.save(lm, iteration=it, best=best)
-            bar.update(1)
             if args.patience and it - best["iteration"] >= args.patience:
                 log(f"no better dev accuracy for {args.patience} iterations: stopping (§3 step 6)")
                 break
@@ -617,7 +590,6 @@ def main(args: Args) -> dict:
         log(f"\ninterrupted in iteration {it + 1}; --resume {run.dir} redoes it from the iteration-{it} checkpoint")
         raise
     finally:
-        bar.close()
         run.close()
     log(f"best iteration on dev: {best['iteration']} (dev {best['dev_accuracy']:.3f}, test {best['test_accuracy']:.3f}; "
         f"weights in {run.dir / 'best'})")

@@ -16,7 +16,7 @@ import torch
 
 import algos.star as star
 from algos.star import (Example, Sample, balance_score, balance_scores, balance_terms, begin_iteration, build_batch,
-                        bstar_reward, equations, finetune, hint_question, initial_state, monitor_metrics, n_star,
+                        bstar_reward, equations, finetune, initial_state, monitor_metrics, n_star,
                         prm_min_score, search_config, select, sft_loss, star_collect, star_steps, step_reward,
                         step_rewards)
 from shared.logprobs import token_logprobs
@@ -201,14 +201,15 @@ def test_rationalized_examples_are_stored_without_the_hint(monkeypatch):
 
 
 def test_hint_is_the_final_answer_only():
+    tok = build_tiny_tokenizer()
+    ask = lambda p, mode="last_number": star.question(tok, SimpleNamespace(mode=mode, system_prompt=None), p, "{prompt} ({answer})")  # noqa: E731
     gsm = Problem("Tom has 3 apples...", "72", {"solution": "3 * 24 = <<3*24=72>>72\n#### 72"})
-    text = hint_question(gsm, "{prompt} ({answer})", "last_number")
-    assert text == "Tom has 3 apples... (72)" and "<<" not in text  # not the reference solution (pitfall 2)
+    assert ask(gsm) == chat_prompt(tok, "Tom has 3 apples... (72)")  # not the reference solution (pitfall 2)
     ms = load_task("multistep", n_train=1, n_test=1).train[0]
-    text = hint_question(ms, star.Args().hint_template, "last_number")
-    assert text.endswith(f"(Hint: the answer is {ms.answer}.)") and ms.meta["steps"][0] not in text
+    text = star.question(tok, SimpleNamespace(mode="last_number", system_prompt=None), ms, star.Args().hint_template)
+    assert f"(Hint: the answer is {ms.answer}.)" in text and ms.meta["steps"][0] not in text
     cd = Problem("Using [3, 4]...", "12", {"solution": "3 * 4", "numbers": [3, 4], "target": 12})
-    assert hint_question(cd, "{prompt} ({answer})", "countdown").endswith("(3 * 4)")
+    assert ask(cd, "countdown") == chat_prompt(tok, "Using [3, 4]... (3 * 4)")
 
 
 # ---------------------------------------------------------------- §8.7 loss mask
