@@ -115,6 +115,16 @@ def main(a: Args) -> None:
     write_docs(a, meta, results, docs)
 
 
+def command(a: Args) -> str:
+    """The command line that reproduces `a` (the flags that differ from the defaults)."""
+    flags = []
+    for k, v in a.__dict__.items():
+        v = tuple(v) if isinstance(v, list) else v  # JSON turns tuples into lists
+        if k != "from_json" and v != getattr(Args(), k):
+            flags.append(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, tuple) else str(v)))
+    return " ".join(["python scripts/star_benchmark.py", *flags])
+
+
 def f3(x) -> str:
     return "" if x is None or x != x else f"{x:.3f}"
 
@@ -125,7 +135,7 @@ def write_docs(a: Args, meta: dict, results: dict, docs: pathlib.Path) -> None:
         res["dev"], res["test"] = ({int(k): v for k, v in res[s].items()} for s in ("dev", "test"))
     K, S = a.group_size, a.pass_s
     lines = [f"# STaR vs B-STaR on {a.task} level {a.level}, {a.model}", "",
-             f"Measured with `python scripts/star_benchmark.py` on {meta['device']}, torch {meta['torch']}; total wall "
+             f"Measured with `{command(a)}` on {meta['device']}, torch {meta['torch']}; total wall "
              f"time {meta['total_wall_s'] / 60:.1f} min. M = {a.n_train} training questions; dev = {a.n_dev} and test = "
              f"{a.n_test} held-out questions (greedy; dev picks the best iteration, test is only reported); K = {K}, "
              f"S = {S}; monitors on {a.subset_size} training questions at T = 0.8; SFT batch {a.batch_size}, lr {a.lr}, "
