@@ -4,30 +4,38 @@ Papers: Zelikman, Wu, Mu, Goodman, "STaR: Bootstrapping Reasoning With Reasoning
 (Alg. 1, Eqs. 1–2); Zeng et al., "B-STaR: Monitoring and Balancing Exploration and Exploitation in
 Self-Taught Reasoners", arXiv:2412.17256 (§2.3, §3, Alg. 1). Spec: shared/papers/star.md (§ below).
 
-STaR: each iteration the model writes a rationale + answer for every training question (greedy).
-Right answers are kept. For wrong ones it is asked again with the gold answer as a hint
-("rationalization"); right rationalized answers are kept *as if no hint had been given*. The BASE
-model is then fine-tuned on the union, from scratch, for a growing number of steps. Repeat.
-B-STaR: online rejection fine-tuning that never restarts. Before each iteration it picks the
-sampling temperature t (and, with a process reward model, the reward threshold τ) that maximise the
-balance score on a query subset, samples K answers per query at t, keeps r > τ, and trains on.
+STaR (Alg. 1): each iteration the model M_{n−1} writes a rationale and an answer for every training
+question (greedy). Right answers are kept (D_n). For the wrong ones it is asked again with the gold
+final answer as a hint ("rationalization"); right rationalized answers are kept *as if no hint had
+been given* (D_n^rat). The BASE model M is then fine-tuned on D_n ∪ D_n^rat, from scratch, for a
+growing number of steps, giving M_n. Repeat; keep the iteration that is best on dev.
+B-STaR: the same loop as online rejection fine-tuning (K samples per question, no rationalization,
+no restart), with one extra step first: pick the sampling temperature t and the reward threshold τ
+that maximise the balance score on a query subset, then sample at t and keep r > τ.
 
     J(M)  = Σ_i E_{(r̂,ŷ)~p_M(·|x_i)} 1[ŷ_i = y_i]                      STaR Eq. 1 (0/1-reward policy gradient)
     L(θ)  = −Σ_{(x,r,y) ∈ D_n ∪ D_n^rat} log p_θ(r, y | x)             completion tokens only, x hint-free (§2)
     s_n   = int(40 · 1.2^(n−1))                                        SFT steps in STaR iteration n (§4)
-    r     = 1[â = a*]  (+ r_prm = min over steps of 2σ(logit) − 1)      B-STaR reward; keep iff r > τ (§2)
-    bs_i  = min(n'_i / n*, 1) · n'_i / n_i   (0 if n_i = 0),  n* = ⌈N/M⌉ B-STaR balance score (§2)
+    r     = 1[â = a*] + r_prm(x, ŷ)                                    B-STaR reward ("Answer+PRM"); keep iff r > τ (§2)
+    bs_i  = min(n'_i / n*, 1) · n'_i / n_i   (0 if n_i = 0)            balance score: exploration · exploitation (§2)
+    n*    = ⌈N / M⌉                                                    N answers wanted per iteration over M queries
     (t_i, τ_i) = argmax_{t ∈ T, τ ∈ Θ} mean_i bs_i                      on a query subset, with P_{i−1} (§3)
-n_i: selected distinct answers of query i; n'_i: distinct correct ones; N samples wanted per iteration
-over M queries.
+n_i: selected distinct answers of query i; n'_i: the right ones among them.
 
-Choices and simplifications (spec §7 lists the code/paper differences): a chat prompt instead of
-STaR's ten few-shot exemplars (the instruct model needs no format demonstration), so the hint is a
-sentence appended to the question and gives the final answer only (pitfall 2); answers that never
-end within --max-new-tokens are dropped (as B-STaR drops outputs without "# Answer"); τ is searched
-on the subset as in the paper (not on the full set as in the code); no per-query cap and no gold
-solutions added to the candidates (code-only, §7.5–7.6); "dev" accuracy is greedy accuracy on the
-task's held-out split; P_0 is the instruct model (no SFT epoch of our own).
+The task must ask for reasoning: `multistep` by default ("7 - 5 = 2", "2 + 8 = 10", "Answer: 10"),
+whose steps `shared.steps.check_steps` grades exactly; `arith` ("Give only the final number") is refused.
+That checker is r_prm unless `--prm PATH` names a PRM checkpoint: +1 when every step is right and uses
+only numbers of the problem or of earlier steps, −1 + 2j/m when the first wrong step is j (0-based) of
+m, −1 without steps. A right answer through a wrong step (r < 2) ranks below a clean one (r = 2); a
+wrong answer with clean steps (r = 1) passes a low τ, so the exploitation term n'/n has work to do.
+n* keeps the paper's N/M = 67,500/11,500: n* = 6 whatever M and K (`--num-selected` sets N).
+
+Choices (spec §7 lists the code/paper differences): a chat prompt instead of ten few-shot exemplars,
+so the hint is a sentence giving the final answer only (pitfall 2); answers that never end within
+--max-new-tokens are dropped (as B-STaR drops outputs without "# Answer"); τ is searched on the subset
+as in the paper; no per-query cap and no gold solutions among the candidates (code-only, §7.5–7.6);
+the step checker as r_prm is our extension; greedy accuracy on the dev split picks the best iteration
+and drives --patience, test is only reported; P_0 is the instruct model (no SFT epoch of our own).
 """
 
 import sys
@@ -37,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/st
 
 import copy
 import dataclasses
+import json
 import math
 import random
 import re
@@ -50,25 +59,25 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from shared.args import LMArgs, cli, require
-from shared.evaluation import evaluate
 from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
-from shared.run import Run
+from shared.run import LM, Run
 from shared.sampling import generate
+from shared.steps import check_steps
 
 
 @dataclass
-class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come from shared/args.py
+class Args(LMArgs):  # the experiment flags (--model, --lr, ...) come from shared/args.py
+    task: str = "multistep"
+    """a task whose answers carry reasoning: multistep, gsm8k, math500, countdown(-hf); not arith"""
     iterations: int = 3
     """outer iterations (STaR n = 1..N_iter; B-STaR i = 1..I, 9 in the paper)"""
     patience: int = 0
     """stop after this many iterations without a new best dev accuracy (0 = run every iteration)"""
     n_train: int = 1000
     """training questions, all answered every iteration (M)"""
-    n_test: int = 200
-    """held-out questions: the dev set, greedy accuracy after every iteration"""
-    max_new_tokens: int = 48
-    """generation budget per answer (rationale + answer); also used for the dev evaluation"""
+    max_new_tokens: int = 96
+    """generation budget per answer (rationale + answer); also used for the dev and test evaluations"""
     temperature: float = 0.0
     """STaR: temperature of rationale generation (0 = greedy, as in the paper); B-STaR searches its own"""
 
@@ -110,24 +119,28 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come fr
     temperatures: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
     """B-STaR grid T of sampling temperatures (§4)"""
     thresholds: tuple[float, ...] = tuple(round(-1 + 0.1 * i, 1) for i in range(21))
-    """B-STaR grid Θ of reward thresholds τ, searched only with --prm (§4)"""
+    """B-STaR grid Θ of reward thresholds τ, searched whenever there is a process reward (§4)"""
     threshold: float = 0.0
-    """B-STaR τ without --prm: r ∈ {0, 1}, so any τ in [0, 1) keeps exactly the right answers"""
+    """B-STaR τ without a process reward: r ∈ {0, 1}, so any τ in [0, 1) keeps exactly the right answers"""
     num_selected: int | None = None
-    """N: answers B-STaR wants per iteration, n* = ⌈N/M⌉ (None: the paper's 67500 per 11500 queries at K = 64, scaled to K)"""
-    prm: str | None = None
-    """B-STaR: a process reward model (HF sequence-classification checkpoint, one logit) scoring each step prefix"""
+    """N: answers wanted per iteration, n* = ⌈N/M⌉ (None: the paper's ratio 67,500 per 11,500 queries, n* = 6)"""
+    prm: str = "auto"
+    """r_prm: `auto` (step checker on multistep, else none), `steps`, `none`, or a PRM checkpoint (HF, one logit)"""
 
     RULES: ClassVar[dict[str, str]] = {
         "iterations": ">= 1", "patience": ">= 0", "steps": ">= 0", "step_growth": "> 0", "batch_size": "> 0",
         "micro_batch_size": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "max_grad_norm": "> 0",
         "gen_batch_size": "> 0", "group_size": ">= 1", "pass_s": ">= 1", "subset_size": ">= 0",
         "monitor_temperature": ">= 0", "temperatures": "> 0", "thresholds": "[-1, 2]", "threshold": "[-1, 2]",
-        "num_selected": ">= 1"}
+        "num_selected": ">= 1", "n_dev": ">= 1; the dev split picks the best iteration"}
     PER_PROCESS: ClassVar[tuple[str, ...]] = ("batch_size",)  # SFT examples are split across processes
 
     def check(self) -> None:
         super().check()
+        require(self.task != "arith", "task", self.task, "its prompt asks for the final number only, so there is "
+                "no rationale to learn: use multistep (or gsm8k, math500, countdown)")
+        require(self.prm != "steps" or self.task == "multistep", "prm", self.prm,
+                "the step checker needs a task with step-by-step reference solutions (multistep)")
         require(self.mode != "bstar" or self.subset_size >= 1, "subset_size", self.subset_size,
                 "--mode bstar searches its temperature on a query subset: must be ≥ 1")
 
@@ -149,6 +162,8 @@ class Example:
     query: int
     prompt: str
     completion_ids: list[int]
+    text: str = ""  # the completion as text (for the step diagnostics)
+    hinted: bool = False  # found by rationalization (the hint is not in `prompt`)
 
 
 @dataclass
@@ -157,14 +172,12 @@ class Sample:
     text: str
     ids: list[int]
     correct: bool
-    reward: float
+    reward: float  # r = 1[correct] (+ r_prm)
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """L(θ) = −Σ mask · log p_θ / Σ mask over completion tokens only (§2; prompt tokens never enter logp).
-
-    `num_tokens`: the completion tokens of the whole batch (all micro-batches and processes), so summing
-    micro-batch losses gives the batch's token mean."""
+    """L(θ) = −Σ mask · log p_θ / Σ mask over completion tokens only (§2; prompt tokens never enter logp); `num_tokens`:
+    the whole batch's completion tokens (all micro-batches and processes), so micro-batch losses sum to its mean."""
     mask = mask.to(logp.dtype)
     num_tokens = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
     return -(logp * mask).sum() / num_tokens
@@ -190,6 +203,13 @@ def bstar_reward(correct: bool, r_prm: float | None = None) -> float:
     return float(correct) + (0.0 if r_prm is None else r_prm)
 
 
+def step_reward(text: str, numbers: list[int]) -> float:
+    """r_prm from the exact step checker: +1 if every step is right and grounded, −1 + 2j/m if the first
+    wrong step is j (0-based) of m steps, −1 if there is no step (an extension: B-STaR learns its PRM)."""
+    report = check_steps(text, numbers)
+    return 1.0 if report.all_ok else -1.0 + 2.0 * (report.first_error or 0) / max(len(report.steps), 1)
+
+
 def prm_min_score(step_logits: torch.Tensor) -> float:
     """r_prm = min over steps of 2σ(logit) − 1 ∈ (−1, 1): the minimum step score (§2, §7.7's clean form)."""
     return float((2 * torch.sigmoid(step_logits.float()) - 1).min())
@@ -197,29 +217,33 @@ def prm_min_score(step_logits: torch.Tensor) -> float:
 
 def select(samples: list[Sample], tau: float) -> list[Sample]:
     """Keep r > τ (strict), deduplicated by the exact output text (§2, §7.9): n_i = len(result)."""
-    kept, seen = [], set()
+    kept = {}
     for s in samples:
-        if s.reward > tau and s.text not in seen:
-            seen.add(s.text)
-            kept.append(s)
-    return kept
+        if s.reward > tau:
+            kept.setdefault(s.text, s)
+    return list(kept.values())
+
+
+def balance_terms(groups: list[list[Sample]], tau: float, nstar: int) -> tuple[float, float, float]:
+    """(BS, exploration, exploitation) at threshold τ for the answers of one temperature: BS(t, τ) = mean_i bs_i
+    over all queries; exploration = mean_i min(n'_i/n*, 1); exploitation = mean of n'_i/n_i where n_i > 0."""
+    chosen = [select(g, tau) for g in groups]
+    n, n_right = [len(c) for c in chosen], [sum(s.correct for s in c) for c in chosen]
+    bs = sum(balance_scores(n, n_right, nstar)) / max(len(groups), 1)
+    explore = sum(min(nc / nstar, 1.0) for nc in n_right) / max(len(groups), 1)
+    exploit = [nc / ni for ni, nc in zip(n, n_right) if ni]
+    return bs, explore, sum(exploit) / len(exploit) if exploit else float("nan")
 
 
 def balance_score(groups: list[list[Sample]], tau: float, nstar: int) -> float:
     """BS(t, τ) = mean_i bs_i over the queries of `groups` (answers of one temperature)."""
-    chosen = [select(g, tau) for g in groups]
-    return sum(balance_scores([len(c) for c in chosen], [sum(s.correct for s in c) for c in chosen], nstar)) / max(len(groups), 1)
+    return balance_terms(groups, tau, nstar)[0]
 
 
 def search_config(by_temperature: dict[float, list[list[Sample]]], taus, nstar: int) -> tuple[float, float, float]:
     """(t_i, τ_i, BS) = argmax over T × Θ; ties keep the first maximum (lower t, then lower τ; §7.9)."""
-    best = None
-    for t in sorted(by_temperature):
-        for tau in sorted(taus):
-            bs = balance_score(by_temperature[t], tau, nstar)
-            if best is None or bs > best[2]:
-                best = (t, tau, bs)
-    return best
+    return max(((t, tau, balance_score(by_temperature[t], tau, nstar)) for t in sorted(by_temperature)
+                for tau in sorted(taus)), key=lambda c: c[2])  # max keeps the first of equal maxima
 
 
 _EQUATIONS = re.compile(r"\$([^$]+)\$|<<([^>]+)>>|\\\[(.+?)\\\]"  # the B-STaR code's delimiters
@@ -252,33 +276,153 @@ def monitor_metrics(groups: list[list[Sample]], s: int) -> dict[str, float]:
     return out
 
 
-def star_collect(problems: dict, prompt_fn, hint_fn, generate_fn, verify_fn, rationalize: bool = True):
-    """STaR Alg. 1 lines 2–4 on `problems` ({query id: Problem}).
-
-    generate_fn(prompts) -> [(text, ids, ended)] decodes greedily; verify_fn(text, problem) -> bool.
-    Rationalization (hint_fn's prompt) is asked only for the questions answered wrongly; what it gets
-    right is stored with the hint-free prompt_fn(problem) (§2, pitfall 1). Returns (D_n ∪ D_n^rat, counts)."""
-    qs = list(problems)
-    first = generate_fn([prompt_fn(problems[q]) for q in qs])
-    ok = [ended and verify_fn(text, problems[q]) for q, (text, _, ended) in zip(qs, first)]
-    examples = [Example(q, prompt_fn(problems[q]), ids) for q, (_, ids, _), good in zip(qs, first, ok) if good]
-    failed = [q for q, good in zip(qs, ok) if not good]
-    n_rat = 0
-    if rationalize and failed:
-        for q, (text, ids, ended) in zip(failed, generate_fn([hint_fn(problems[q]) for q in failed])):
-            if ended and verify_fn(text, problems[q]):
-                examples.append(Example(q, prompt_fn(problems[q]), ids))  # x without the hint
-                n_rat += 1
-    return examples, {"solved": sum(ok), "rationalized": n_rat}
+# ------------------------------------------------------------------------------------ STaR: Alg. 1 lines 3–6
+def question(tokenizer, task, problem, hint_template: str | None = None) -> str:
+    """x_i as the chat prompt; with `hint_template`, add_hint(x_i, y_i), the rationalization question. The hint
+    is the final answer only, never a reference solution (pitfall 2; countdown's final answer is an equation)."""
+    answer = problem.meta.get("solution", problem.answer) if task.mode == "countdown" else problem.answer
+    user = problem.prompt if hint_template is None else hint_template.format(prompt=problem.prompt, answer=answer)
+    return chat_prompt(tokenizer, user, task.system_prompt)
 
 
-def hint_question(problem, template: str, task_mode: str) -> str:
-    """The rationalization question: the hint is the final answer only, never a reference solution
-    (pitfall 2; for countdown the final answer is an equation, so the stored solution is it)."""
-    answer = problem.meta.get("solution", problem.answer) if task_mode == "countdown" else problem.answer
-    return template.format(prompt=problem.prompt, answer=answer)
+def decode(lm: LM, prompts: list[str], args: Args, k: int = 1, temperature: float = 0.0,
+           desc: str = "greedy") -> list[tuple[str, list[int], bool]]:
+    """k answers per prompt from the current policy (temperature 0 = greedy): (text, completion ids
+    incl. EOS, ended), the k answers of a prompt adjacent."""
+    out, per_call = [], max(1, args.gen_batch_size // k)
+    for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False, disable=not lm.accelerator.is_main_process):
+        ro = generate(lm.model, lm.tokenizer, prompts[i:i + per_call], n=k, max_new_tokens=args.max_new_tokens,
+                      temperature=max(temperature, 1e-6), greedy=temperature == 0)
+        ids = [row[m.bool()].tolist() for row, m in zip(ro.completion_ids.cpu(), ro.completion_mask.cpu())]
+        out += list(zip(ro.texts, ids, (~ro.truncated).tolist()))
+    return out
 
 
+def star_collect(lm: LM, task, problems: dict, args: Args) -> tuple[list[Example], dict]:
+    """Alg. 1 lines 3–6 on `problems` ({query id: Problem}): D_n ∪ D_n^rat and how many of each.
+
+    An answer counts when it ended and its final answer equals the gold one. Rationalization is asked
+    only where the first answer was wrong; what it gets right is stored under the hint-free x_i (pitfall 1)."""
+    tok, qs = lm.tokenizer, list(problems)
+    # rationale generation: (r̂_i, ŷ_i) ← M_{n−1}(x_i)
+    answers = decode(lm, [question(tok, task, problems[q]) for q in qs], args, temperature=args.temperature)
+    right = [ended and task.verify(text, problems[q]).correct for q, (text, _, ended) in zip(qs, answers)]
+    # D_n = {(x_i, r̂_i, y_i) | ŷ_i = y_i}
+    d_n = [Example(q, question(tok, task, problems[q]), ids, text)
+           for q, (text, ids, _), ok in zip(qs, answers, right) if ok]
+    # rationalization: (r̂_i^rat, ŷ_i^rat) ← M_{n−1}(add_hint(x_i, y_i)) where ŷ_i ≠ y_i
+    wrong = [q for q, ok in zip(qs, right) if not ok]
+    d_rat = []
+    if args.rationalize and wrong:
+        hinted = decode(lm, [question(tok, task, problems[q], args.hint_template) for q in wrong], args,
+                        temperature=args.temperature, desc="rationalize")
+        # D_n^rat = {(x_i, r̂_i^rat, y_i) | ŷ_i ≠ y_i ∧ ŷ_i^rat = y_i}, x_i without the hint
+        d_rat = [Example(q, question(tok, task, problems[q]), ids, text, hinted=True)
+                 for q, (text, ids, ended) in zip(wrong, hinted) if ended and task.verify(text, problems[q]).correct]
+    return d_n + d_rat, {"solved": len(d_n), "rationalized": len(d_rat)}
+
+
+def gather(items: list, accelerator) -> list:  # every process's `items`, concatenated
+    return gather_object(items) if accelerator.num_processes > 1 else items
+
+
+def wrong_step_rate(examples: list[Example], task) -> float:
+    """Share of kept answers with a wrong, ungrounded or missing step (NaN without step ground truth):
+    right answers reached by bad reasoning, the failure the STaR paper saw at temperature > 0."""
+    if not examples or task.name != "multistep":
+        return float("nan")
+    return sum(not check_steps(e.text, task.train[e.query].meta["numbers"]).all_ok for e in examples) / len(examples)
+
+
+# ------------------------------------------------------------------------------------ B-STaR: reward, search, sampling
+class ProcessReward:
+    """r_prm(x, ŷ): a sequence-classification model with one logit scores the solution cut after each
+    step (steps split at blank lines, B-STaR's format); the reward is the minimum step score (§2)."""
+
+    FORMAT = "# Question\n\n{question}\n\n# Solution\n\n{solution}"  # B-STaR's prompt (§5)
+
+    def __init__(self, name: str, device, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.device = batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, problem, solutions: list[str]) -> list[float]:
+        texts, owner = [], []
+        for j, sol in enumerate(solutions):
+            steps = [s for s in sol.split("\n\n") if s.strip()] or [sol]
+            for m in range(1, len(steps) + 1):
+                texts.append(self.FORMAT.format(question=problem.prompt, solution="\n\n".join(steps[:m])))
+                owner.append(j)
+        logits = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                 padding_side="right").to(self.device)
+            logits.append(self.model(**enc).logits[:, 0].float().cpu())
+        logits, owner = (torch.cat(logits) if logits else torch.zeros(0)), torch.tensor(owner)
+        return [prm_min_score(logits[owner == j]) for j in range(len(solutions))]
+
+
+def step_rewards(problem, solutions: list[str]) -> list[float]:  # r_prm of each solution, exact
+    return [step_reward(s, problem.meta["numbers"]) for s in solutions]
+
+
+def process_reward(args: Args, device):
+    """r_prm as a function (problem, solutions) -> scores, or None for r = 1[correct] ("Answer")."""
+    if args.prm == "none" or (args.prm == "auto" and args.task != "multistep"):
+        return None
+    return step_rewards if args.prm in ("auto", "steps") else ProcessReward(args.prm, device)
+
+
+def sample_scored(lm: LM, task, queries: list[int], temperature: float, args: Args, prm,
+                  desc: str) -> list[list[Sample]]:
+    """K = group_size scored answers per training query (split across processes, gathered in `queries`
+    order). Answers that never end are dropped, as B-STaR drops outputs without "# Answer" (§5)."""
+    acc, K = lm.accelerator, args.group_size
+    mine = queries[acc.process_index::acc.num_processes]
+    answers = decode(lm, [question(lm.tokenizer, task, task.train[q]) for q in mine], args, K, temperature, desc)
+    groups = []
+    for j, q in enumerate(mine):
+        ended = [(text, ids) for text, ids, done in answers[j * K:(j + 1) * K] if done]
+        r_prm = prm(task.train[q], [text for text, _ in ended]) if prm else [None] * len(ended)
+        group = []
+        for (text, ids), r in zip(ended, r_prm):
+            correct = task.verify(text, task.train[q]).correct
+            group.append(Sample(text, ids, correct, bstar_reward(correct, r)))
+        groups.append((q, group))
+    found = dict(gather(groups, acc))
+    return [found[q] for q in queries]
+
+
+def search_configuration(lm: LM, task, subset: list[int], args: Args, prm, nstar: int):
+    """§3 steps 2–3: K answers per subset query at every t ∈ T from P_{i−1}, then (t_i, τ_i) = argmax
+    BS(t, τ) over T × Θ (Θ = {τ} without a process reward: r ∈ {0, 1}, nothing to trade). Returns
+    t_i, τ_i, the answers by temperature (the monitors reuse them), the metrics and the BS grid."""
+    taus = args.thresholds if prm else (args.threshold,)
+    by_t = {t: sample_scored(lm, task, subset, t, args, prm, f"search t={t}") for t in args.temperatures}
+    t_i, tau_i, bs = search_config(by_t, taus, nstar)
+    grid = {t: {tau: balance_terms(groups, tau, nstar) for tau in taus} for t, groups in by_t.items()}
+    _, explore, exploit = grid[t_i][tau_i]
+    metrics = {"bstar/search_balance_score": bs, "bstar/exploration": explore, "bstar/exploitation": exploit,
+               "bstar/threshold_search": float(prm is not None)}
+    for t, row in grid.items():  # the best BS at each temperature
+        metrics[f"bstar/balance_score_t{t}"] = max(v[0] for v in row.values())
+    return t_i, tau_i, by_t, metrics, grid
+
+
+def bstar_collect(lm: LM, task, args: Args, prm, t: float, tau: float) -> tuple[list[Example], list[list[Sample]]]:
+    """§3 step 4: K answers per training query at t_i; keep r > τ_i, deduplicated (no rationalization)."""
+    groups = sample_scored(lm, task, list(range(len(task.train))), t, args, prm, f"sample t={t}")
+    examples = [Example(q, question(lm.tokenizer, task, task.train[q]), s.ids, s.text)
+                for q, g in enumerate(groups) for s in select(g, tau)]
+    return examples, groups
+
+
+# ------------------------------------------------------------------------------------ fine-tuning (Alg. 1 line 7)
 def build_batch(tokenizer, examples: list[Example], device):
     """Prompts left-padded (as `generate` lays them out), completions right-padded; the mask is 1 on
     exactly the completion tokens. Explicit prompt masking, not the code's "after the last ':'" (§5)."""
@@ -300,7 +444,7 @@ def initial_state(params: list[torch.Tensor], optimizer, scheduler) -> dict:
 
 
 def begin_iteration(params, optimizer, scheduler, base: dict, restart: bool) -> None:
-    """STaR (Alg. 1 line 5): reset to the base weights, a fresh Adam and a fresh warm-up. B-STaR (§3 step
+    """STaR (Alg. 1 line 7): reset to the base weights, a fresh Adam and a fresh warm-up. B-STaR (§3 step
     5): continue from P_{i−1} with its Adam moments and its place in the LR schedule (do nothing)."""
     if restart:
         with torch.no_grad():
@@ -326,14 +470,13 @@ def lr_lambda(args: Args, total_steps: int):
     return factor
 
 
-def finetune(model, tokenizer, examples: list[Example], optimizer, scheduler, steps: int, args: Args,
-             accelerator, generator: torch.Generator) -> dict:
+def finetune(lm: LM, examples: list[Example], steps: int, args: Args, generator: torch.Generator) -> dict:
     """`steps` SFT steps of `batch_size` examples (epoch-wise shuffled) with the loss of §2."""
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, acc = lm.model, lm.accelerator
+    world, rank = acc.num_processes, acc.process_index
     order, sums = [], {"loss": 0.0, "grad_norm": 0.0, "tokens": 0}
     model.train()
-    for _ in tqdm(range(steps), desc="sft", leave=False, disable=not accelerator.is_main_process):
+    for _ in tqdm(range(steps), desc="sft", leave=False, disable=not acc.is_main_process):
         while len(order) < args.batch_size:  # every process draws the same global batch
             order += torch.randperm(len(examples), generator=generator).tolist()
         batch, order = [examples[i] for i in order[:args.batch_size]], order[args.batch_size:]
@@ -341,192 +484,116 @@ def finetune(model, tokenizer, examples: list[Example], optimizer, scheduler, st
         mine = batch[rank::world]
         chunks = [mine[j:j + args.micro_batch_size] for j in range(0, len(mine), args.micro_batch_size)]
         for k, chunk in enumerate(chunks):
-            with nullcontext() if k == len(chunks) - 1 else accelerator.no_sync(model):
-                p_ids, p_mask, c_ids, c_mask = build_batch(tokenizer, chunk, device)
+            with nullcontext() if k == len(chunks) - 1 else acc.no_sync(model):
+                p_ids, p_mask, c_ids, c_mask = build_batch(lm.tokenizer, chunk, acc.device)
                 logp = token_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=1.0)
                 loss = sft_loss(logp, c_mask, num_tokens)
-                accelerator.backward(loss * world)  # DDP averages over processes; the normaliser is global
-            sums["loss"] += accelerator.reduce(loss.detach(), reduction="sum").item() / steps
-        sums["grad_norm"] += float(accelerator.clip_grad_norm_(params, args.max_grad_norm)) / steps
+                acc.backward(loss * world)  # DDP averages over processes; the normaliser is global
+            sums["loss"] += acc.reduce(loss.detach(), reduction="sum").item() / steps
+        sums["grad_norm"] += float(acc.clip_grad_norm_(lm.params, args.max_grad_norm)) / steps
         sums["tokens"] += num_tokens
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lm.optimizer.step()
+        lm.scheduler.step()
+        lm.optimizer.zero_grad(set_to_none=True)
     return sums
 
 
-class ProcessReward:
-    """r_prm(x, ŷ): a sequence-classification model with one logit scores the solution cut after each
-    step (steps split at blank lines, B-STaR's format); the reward is the minimum step score (§2)."""
-
-    FORMAT = "# Question\n\n{question}\n\n# Solution\n\n{solution}"  # B-STaR's prompt (§5)
-
-    def __init__(self, name: str, device, batch_size: int = 32):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(name)
-        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size, self.device = batch_size, device
-
-    @torch.no_grad()
-    def __call__(self, question: str, solutions: list[str]) -> list[float]:
-        texts, owner = [], []
-        for j, sol in enumerate(solutions):
-            steps = [s for s in sol.split("\n\n") if s.strip()] or [sol]
-            for m in range(1, len(steps) + 1):
-                texts.append(self.FORMAT.format(question=question, solution="\n\n".join(steps[:m])))
-                owner.append(j)
-        logits = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
-                                 padding_side="right").to(self.device)
-            logits.append(self.model(**enc).logits[:, 0].float().cpu())
-        logits, owner = (torch.cat(logits) if logits else torch.zeros(0)), torch.tensor(owner)
-        return [prm_min_score(logits[owner == j]) for j in range(len(solutions))]
+# ------------------------------------------------------------------------------------ evaluation and selection
+def evaluate_iteration(run: Run, lm: LM, it: int, args: Args, best: dict) -> dict:
+    """§3 step 6: greedy accuracy on dev picks the best iteration (its weights go to `best/`) and drives
+    --patience; test accuracy is logged at the same point and never used to choose. Returns the test result."""
+    dev = run.evaluate(lm, it, args.max_new_tokens, problems=run.task.dev, split="dev")
+    test = run.evaluate(lm, it, args.max_new_tokens)
+    if dev["accuracy"] > best["dev_accuracy"]:
+        best.update(iteration=it, dev_accuracy=dev["accuracy"], test_accuracy=test["accuracy"])
+        if run.accelerator.is_main_process:
+            lm.policy.save_pretrained(run.dir / "best")
+            lm.tokenizer.save_pretrained(run.dir / "best")
+    run.logger.log({f"star/best_{k}": v for k, v in best.items()}, it)
+    return test
 
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
     run = Run("star", args, presets=resolve_mode, label=args.mode)  # flags, resume, task, accelerator, run dir
-    args, accelerator, log, run_dir, task = run.args, run.accelerator, run.log, run.dir, run.task
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    step_of = lambda n: star_steps(n, args.steps, args.step_growth)  # noqa: E731
-    total_sft_steps = sum(map(step_of, range(1, args.iterations + 1)))
-    lm = run.setup_lm(lr_lambda=lr_lambda(args, total_sft_steps), restore=False)  # STaR: Adam, no weight decay
-    model, tokenizer, optimizer, scheduler, params = lm.model, lm.tokenizer, lm.optimizer, lm.scheduler, lm.params
-    base = initial_state(params, optimizer, scheduler)  # captured before any checkpoint is loaded
-    prm = ProcessReward(args.prm, device) if args.prm else None
-    M, K = len(task.train), args.group_size
-    nstar = n_star(args.num_selected or round(M * K * 67500 / (11500 * 64)), M)
-
+    args, task, acc, log = run.args, run.task, run.accelerator, run.log
+    schedule = [star_steps(n, args.steps, args.step_growth) for n in range(1, args.iterations + 1)]  # s_n
+    lm = run.setup_lm(lr_lambda=lr_lambda(args, sum(schedule)), restore=False)  # Adam, no weight decay
+    base = initial_state(lm.params, lm.optimizer, lm.scheduler)  # M: STaR restarts from it (before any resume)
     state = run.restore(lm)  # a new run: each process reseeded with seed + rank
-    it, best = state.get("iteration", 0), state.get("best", {"accuracy": -1.0, "iteration": 0})
-
-    prompt_of = lambda p: chat_prompt(tokenizer, p.prompt, task.system_prompt)  # noqa: E731  the context x
-    hint_of = lambda p: chat_prompt(tokenizer, hint_question(p, args.hint_template, task.mode), task.system_prompt)  # noqa: E731
-    verify = lambda text, p: task.verify(text, p).correct  # noqa: E731
-
-    def generate_fn(prompts, k=1, temperature=0.0, desc="greedy"):
-        """[(text, completion ids incl. EOS, ended)] for k answers per prompt (temperature 0 = greedy)."""
-        out, per_call = [], max(1, args.gen_batch_size // k)
-        for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False, disable=not accelerator.is_main_process):
-            ro = generate(model, tokenizer, prompts[i:i + per_call], n=k, max_new_tokens=args.max_new_tokens,
-                          temperature=max(temperature, 1e-6), greedy=temperature == 0)
-            ids = [row[m.bool()].tolist() for row, m in zip(ro.completion_ids.cpu(), ro.completion_mask.cpu())]
-            out += [(text, i_, not tr) for text, i_, tr in zip(ro.texts, ids, ro.truncated.tolist())]
-        return out
-
-    def sample_scored(queries: list[int], temperature: float, desc: str) -> list[list[Sample]]:
-        """K scored answers for each query (split across processes, gathered in `queries` order)."""
-        mine = queries[rank::world]
-        outs = generate_fn([prompt_of(task.train[q]) for q in mine], K, temperature, desc)
-        pairs = []
-        for j, q in enumerate(mine):
-            ended = [(text, ids) for text, ids, e in outs[j * K:(j + 1) * K] if e]  # never-ending answers dropped (§5)
-            r_prm = prm(task.train[q].prompt, [t for t, _ in ended]) if prm else [None] * len(ended)
-            pairs.append((q, [Sample(t, ids, c := verify(t, task.train[q]), bstar_reward(c, r)) for (t, ids), r in zip(ended, r_prm)]))
-        found = dict(gather_object(pairs) if world > 1 else pairs)
-        return [found[q] for q in queries]
-
-    def run_eval():
-        t = time.time()
-        res = evaluate(model, tokenizer, task, task.test, args.max_new_tokens, batch_size=args.gen_batch_size,
-                       accelerator=accelerator)
-        if res["accuracy"] > best["accuracy"]:  # keep the best iteration (§3 step 6)
-            best.update(accuracy=res["accuracy"], iteration=it)
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(run_dir / "best")
-                tokenizer.save_pretrained(run_dir / "best")
-        run.logger.log({f"eval/{k}": v for k, v in res.items()} | {"star/best_accuracy": best["accuracy"],
-                   "star/best_iteration": best["iteration"], "perf/eval_s": time.time() - t}, it)
-        log(f"iteration {it}: dev greedy accuracy {res['accuracy']:.3f} on {len(task.test)} questions")
-        return res
-
-    def checkpoint():
-        run.save(lm, iteration=it, best=best)
-
-    before = run_eval() if it == 0 else None
-    last_eval, stale = before, 0
-    if args.mode == "bstar" and prm is None:
-        log(f"bstar: no --prm, so r = 1[correct] and the threshold search is skipped (τ = {args.threshold})")
-    bar = tqdm(total=args.iterations, initial=it, desc=args.mode, disable=not accelerator.is_main_process)
+    prm = process_reward(args, acc.device)
+    M = len(task.train)
+    nstar = n_star(args.num_selected or math.ceil(M * 67500 / 11500), M)  # the paper's N/M unless --num-selected
+    it, best = state.get("iteration", 0), state.get("best", {"iteration": 0, "dev_accuracy": -1.0, "test_accuracy": -1.0})
+    before = last = evaluate_iteration(run, lm, 0, args, best) if it == 0 else None
+    if args.mode == "bstar":
+        log(f"bstar: n* = {nstar}; " + (f"r = 1[correct] + r_prm ({args.prm}), τ searched" if prm else
+                                       f"no process reward, so r = 1[correct] and τ = {args.threshold}"))
     try:
-        while it < args.iterations:
-            n, t0, metrics = it + 1, time.time(), {}
-            model.eval()
+        for n in range(it + 1, args.iterations + 1):
+            t0, metrics = time.time(), {}
             subset = sorted(random.Random(f"{args.seed}/{n}").sample(range(M), min(args.subset_size, M)))
-            # ---- B-STaR §3 steps 2–3: sample the subset at every t, pick (t_i, τ_i) = argmax BS
+
+            # ---- B-STaR only (§3 steps 2–3): (t_n, τ_n) = argmax_{t,τ} BS(t, τ) on the subset, from M_{n−1}
             if args.mode == "bstar":
-                taus = args.thresholds if prm else (args.threshold,)  # no PRM: r ∈ {0, 1}, nothing to search
-                by_t = {t: sample_scored(subset, t, f"search t={t}") for t in args.temperatures}
-                t_i, tau_i, bs = search_config(by_t, taus, nstar)
-                metrics |= {"bstar/search_balance_score": bs, "bstar/threshold_search": float(prm is not None)}
-                for t, groups in by_t.items():  # the best BS at each temperature
-                    metrics[f"bstar/balance_score_t{t}"] = max(balance_score(groups, tau, nstar) for tau in taus)
+                t_n, tau_n, by_t, metrics, grid = search_configuration(lm, task, subset, args, prm, nstar)
                 monitor = by_t.get(args.monitor_temperature)
-            else:
-                t_i, tau_i, monitor = args.temperature, args.threshold, None  # greedy by default; r ∈ {0, 1} kept iff correct
+                if acc.is_main_process:  # BS, exploration, exploitation at every (t, τ)
+                    with open(run.dir / "bstar_search.jsonl", "a") as f:
+                        f.write(json.dumps({"iteration": n, "t": t_n, "tau": tau_n, "grid": grid}) + "\n")
+            else:  # STaR: greedy (r ∈ {0, 1}, kept iff correct)
+                t_n, tau_n, monitor = args.temperature, args.threshold, None
             if monitor is None and subset:  # Pass@K and friends, at one temperature in both modes
-                monitor = sample_scored(subset, args.monitor_temperature, "monitor")
+                monitor = sample_scored(lm, task, subset, args.monitor_temperature, args, prm, "monitor")
             if monitor is not None:
                 metrics |= {f"star/{k}": v for k, v in monitor_metrics(monitor, args.pass_s).items()}
 
-            # ---- build this iteration's training set
-            if args.mode == "star":  # Alg. 1 lines 2–4: greedy answers, then rationalization
-                mine = {q: task.train[q] for q in range(M)[rank::world]}
-                examples, counts = star_collect(mine, prompt_of, hint_of, lambda ps: generate_fn(ps, 1, t_i), verify,
-                                               args.rationalize)
-                gathered = gather_object([(examples, counts)]) if world > 1 else [(examples, counts)]
-                examples = sorted((e for ex, _ in gathered for e in ex), key=lambda e: e.query)
-                solved, n_rat = (sum(c[key] for _, c in gathered) for key in ("solved", "rationalized"))
-                metrics |= {"train/accuracy": solved / M, "star/rationalized": n_rat}
-                chosen = [1 if q in {e.query for e in examples} else 0 for q in range(M)]  # ≤ 1 example per query
-                metrics["star/balance_score"] = sum(balance_scores(chosen, chosen, nstar)) / M
-            else:  # §3 step 4: K answers per query at t_i, keep r > τ_i (deduplicated)
-                groups = sample_scored(list(range(M)), t_i, f"sample t={t_i}")
-                examples = [Example(q, prompt_of(task.train[q]), s.ids) for q, g in enumerate(groups) for s in select(g, tau_i)]
-                metrics |= {"train/accuracy": sum(s.correct for g in groups for s in g) / (M * K),
-                            "star/balance_score": balance_score(groups, tau_i, nstar), "star/rationalized": 0}
+            # ---- Alg. 1 lines 3–6: generate rationales, keep the right ones, rationalize the rest
+            if args.mode == "star":
+                mine = {q: task.train[q] for q in range(M)[acc.process_index::acc.num_processes]}
+                examples, counts = star_collect(lm, task, mine, args)
+                examples = sorted(gather(examples, acc), key=lambda e: e.query)
+                counts = {k: sum(c[k] for c in gather([counts], acc)) for k in counts}
+                metrics |= {"train/accuracy": counts["solved"] / M, "star/rationalized": counts["rationalized"],
+                            "star/rationalized_wrong_step": wrong_step_rate([e for e in examples if e.hinted], task)}
+            else:  # B-STaR §3 step 4: K answers per query at t_n, keep r > τ_n (no rationalization)
+                examples, groups = bstar_collect(lm, task, args, prm, t_n, tau_n)
+                metrics |= {"train/accuracy": sum(s.correct for g in groups for s in g) / (M * args.group_size),
+                            "star/balance_score": balance_score(groups, tau_n, nstar), "star/rationalized": 0}
             t_gen = time.time() - t0
 
-            # ---- update: STaR restarts from the base weights (Alg. 1 line 5), B-STaR continues (§3 step 5)
-            begin_iteration(params, optimizer, scheduler, base, args.restart_from_base)
-            init_dist, steps = distance_from(params, base), step_of(n) if examples else 0
-            t1 = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 100_003 + n)
-            sums = finetune(model, tokenizer, examples, optimizer, scheduler, steps, args, accelerator, gen)
+            # ---- Alg. 1 line 7: M_n ← train(M, D_n ∪ D_n^rat): STaR from the base, B-STaR from M_{n−1} (§3 step 5)
+            begin_iteration(lm.params, lm.optimizer, lm.scheduler, base, args.restart_from_base)
+            init_dist, steps, t1 = distance_from(lm.params, base), schedule[n - 1] if examples else 0, time.time()
+            sums = finetune(lm, examples, steps, args, torch.Generator().manual_seed(args.seed * 100_003 + n))
             t_update = time.time() - t1
-            it += 1
-            metrics |= {"star/temperature": t_i, "star/threshold": tau_i, "star/selected": len(examples),
+            metrics |= {"star/temperature": t_n, "star/threshold": tau_n, "star/selected": len(examples),
                         "star/queries_covered": len({e.query for e in examples}) / M, "star/n_star": nstar,
-                        "star/init_dist": init_dist, "star/dist_from_base": distance_from(params, base),
+                        "star/kept_wrong_step": wrong_step_rate(examples, task),
+                        "star/init_dist": init_dist, "star/dist_from_base": distance_from(lm.params, base),
                         "train/steps": steps, "train/loss": sums["loss"], "train/grad_norm": sums["grad_norm"],
-                        "train/lr": scheduler.get_last_lr()[0], "train/scheduler_step": scheduler.last_epoch,
+                        "train/lr": lm.scheduler.get_last_lr()[0], "train/scheduler_step": lm.scheduler.last_epoch,
                         "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/iter_s": time.time() - t0,
                         "perf/tokens_per_s": sums["tokens"] / max(t_update, 1e-9)}
-            run.logger.log(metrics, it)
-            log(f"iteration {it}: t={t_i} τ={tau_i} selected {len(examples)} ({metrics['star/rationalized']} "
+            run.logger.log(metrics, n)
+            log(f"iteration {n}: t={t_n} τ={tau_n} selected {len(examples)} ({metrics['star/rationalized']} "
                 f"rationalized), {steps} SFT steps, loss {sums['loss']:.3f}")
-            last_eval = run_eval()
-            checkpoint()
-            bar.update(1)
-            bar.set_postfix(dev=f"{last_eval['accuracy']:.3f}", selected=len(examples))
-            stale = 0 if best["iteration"] == it else stale + 1
-            if args.patience and stale >= args.patience:
-                log(f"dev accuracy has not improved for {stale} iterations: stopping (§3 step 6)")
+
+            # ---- evaluate, keep the best iteration, stop when it has not improved for --patience iterations
+            it = n
+            last = evaluate_iteration(run, lm, it, args, best)
+            run.save(lm, iteration=it, best=best)
+            if args.patience and it - best["iteration"] >= args.patience:
+                log(f"no better dev accuracy for {args.patience} iterations: stopping (§3 step 6)")
                 break
     except KeyboardInterrupt:
-        log(f"\ninterrupted in iteration {it + 1}; --resume {run_dir} redoes it from the iteration-{it} checkpoint")
+        log(f"\ninterrupted in iteration {it + 1}; --resume {run.dir} redoes it from the iteration-{it} checkpoint")
         raise
     finally:
-        bar.close()
         run.close()
-    log(f"best dev accuracy {best['accuracy']:.3f} at iteration {best['iteration']} (weights in {run_dir / 'best'})")
-    log(f"run directory: {run_dir}")
-    return {"run_dir": str(run_dir), "before": before, "after": last_eval, "best": best,
-            "policy": accelerator.unwrap_model(model)}
+    log(f"best iteration on dev: {best['iteration']} (dev {best['dev_accuracy']:.3f}, test {best['test_accuracy']:.3f}; "
+        f"weights in {run.dir / 'best'})")
+    return run.summary(lm, before, last) | {"best": best}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""STaR / B-STaR: the spec's §8 numbers (balance score, thresholds, dedup, monitors, step schedule),
-hint stripping, the loss mask, restart-from-base vs continue, in-process runs that train, and
-subprocess smoke runs of both modes with resume."""
+"""STaR / B-STaR: the spec's §8 numbers (balance score, thresholds, dedup, monitors, step schedule, the
+48 × 4 configuration search), the step-checker process reward, hint stripping, the loss mask,
+restart-from-base vs continue, in-process runs that train, and subprocess smoke runs with resume.
+Each test names the bug it catches; docs/star/README_section.md lists the broken copies they were run against."""
 
 import json
 import math
@@ -8,17 +9,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import algos.star as star
-from algos.star import (Example, Sample, balance_score, balance_scores, begin_iteration, build_batch, bstar_reward,
-                        equations, finetune, hint_question, initial_state, monitor_metrics, n_star, prm_min_score,
-                        search_config, select, sft_loss, star_collect, star_steps)
+from algos.star import (Example, Sample, balance_score, balance_scores, balance_terms, begin_iteration, build_batch,
+                        bstar_reward, equations, finetune, initial_state, monitor_metrics, n_star,
+                        prm_min_score, search_config, select, sft_loss, star_collect, star_steps, step_reward,
+                        step_rewards)
 from shared.logprobs import token_logprobs
 from shared.models import build_tiny_model, build_tiny_tokenizer, chat_prompt
-from shared.tasks import Problem
+from shared.run import LM
+from shared.tasks import Problem, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +71,71 @@ def test_prm_is_the_minimum_step_score_in_minus_one_one():
     assert -1 < prm_min_score(torch.tensor([-3.0, 3.0])) < 0 and prm_min_score(torch.tensor([-80.0, 1e4])) >= -1
 
 
+# ---------------------------------------------------------------- the step checker as r_prm (issue 11 item 5)
+def test_step_reward_ranks_a_right_answer_through_a_wrong_step_below_a_clean_one():
+    nums = [7, 5, 8]  # "7 - 5 + 8" = 10
+    clean = "7 - 5 = 2\n2 + 8 = 10\nAnswer: 10"
+    lucky = "7 - 5 = 3\n3 + 7 = 10\nAnswer: 10"  # right answer, first step wrong
+    late = "7 - 5 = 2\n2 + 8 = 11\nAnswer: 10"  # right answer, second step wrong
+    invented = "7 - 5 = 2\n2 + 9 - 1 = 10\nAnswer: 10"  # right arithmetic, but 9 and 1 come from nowhere
+    assert step_reward(clean, nums) == 1.0
+    assert step_reward(lucky, nums) == -1.0 and step_reward(late, nums) == 0.0 and step_reward(invented, nums) == 0.0
+    assert step_reward("Answer: 10", nums) == -1.0  # no reasoning at all
+    r = {k: bstar_reward(True, step_reward(t, nums)) for k, t in [("clean", clean), ("lucky", lucky), ("late", late)]}
+    assert r["clean"] == 2.0 > r["late"] > r["lucky"]  # the earlier the first wrong step, the lower
+    wrong_clean = bstar_reward(False, step_reward("7 - 5 = 2\nAnswer: 2", nums))  # right steps, wrong (early) answer
+    assert wrong_clean == 1.0 and select([S("w", False, wrong_clean)], 0.5)  # passes a low τ: exploitation < 1
+    problem = Problem("Solve 7 - 5 + 8 ...", "10", {"numbers": nums})
+    assert step_rewards(problem, [clean, lucky]) == [1.0, -1.0]
+
+
+def test_threshold_search_trades_exploitation_against_exploration():
+    """With the step reward the argmax τ moves with the exploitation term: where wrong answers with clean
+    steps (r = 1) are common, τ ≥ 1 drops them; where right answers through a wrong step (r = 0) are common,
+    τ < 0 keeps them. The answer-only reward cannot tell either apart from the clean right answers."""
+    nums = [7, 5, 8]
+    texts = {"clean": ("7 - 5 = 2\n2 + 8 = 10\nAnswer: 10", True), "clean2": ("7 - 5 = 2\n8 + 2 = 10\nAnswer: 10", True),
+             "lucky": ("7 - 5 = 3\n3 + 7 = 10\nAnswer: 10", True), "lucky2": ("7 - 5 = 1\n1 + 9 = 10\nAnswer: 10", True),
+             "short": ("7 - 5 = 2\nAnswer: 2", False), "short2": ("7 - 5 = 2\nso Answer: 2", False)}
+
+    def group(*names):
+        return [S(texts[k][0], texts[k][1], bstar_reward(texts[k][1], step_reward(texts[k][0], nums))) for k in names]
+    taus = (-1.0, -0.5, 0.0, 0.5, 1.0)
+    # t = 0.5: one clean right answer and two wrong ones with clean steps; t = 1.0: right answers via wrong steps
+    by_t = {0.5: [group("clean", "short", "short2")] * 4, 1.0: [group("clean", "lucky", "lucky2")] * 4}
+    t, tau, bs = search_config(by_t, taus, 6)
+    assert (t, tau) == (1.0, -1.0) and bs == pytest.approx(3 / 6)  # τ < 0 keeps n' = 3 at n'/n = 1
+    assert balance_terms(by_t[0.5], 0.5, 6)[1:] == pytest.approx((1 / 6, 1 / 3))  # τ ∈ [0, 1): two wrong kept
+    assert balance_terms(by_t[0.5], 1.0, 6)[1:] == pytest.approx((1 / 6, 1.0))  # τ = 1 drops them
+    by_t = {0.5: [group("clean", "clean2", "short", "short2")] * 4, 1.0: [group("clean", "lucky", "short")] * 4}
+    t, tau, bs = search_config(by_t, taus, 6)
+    assert (t, tau) == (0.5, 1.0) and bs == pytest.approx(2 / 6)  # here only τ = 1 makes n'/n = 1
+    answer_only = {t: [[S(s.text, s.correct) for s in g] for g in gs] for t, gs in by_t.items()}
+    assert search_config(answer_only, taus, 6)[:2] == (0.5, 0.0)  # r ∈ {0, 1}: every τ ∈ [0, 1) is the same
+
+
+# ---------------------------------------------------------------- §8.10: the search at 48 queries × 4 samples
+def _case_10():
+    """t = 0.5: 30 queries give 4 identical right answers, 18 four identical wrong ones; t = 1.0: 24 give 2
+    distinct right + 2 distinct wrong, 24 four distinct wrong (spec §8 case 10; no reward model)."""
+    low = [[S("r", True)] * 4 if q < 30 else [S("w", False)] * 4 for q in range(48)]
+    high = [[S("r1", True), S("r2", True), S("w1", False), S("w2", False)] if q < 24
+            else [S(f"w{k}", False) for k in range(4)] for q in range(48)]
+    return {0.5: low, 1.0: high}
+
+
+def test_config_search_case_10_has_distinct_scores():
+    by_t = _case_10()
+    assert search_config(by_t, (0.0,), 1) == (0.5, 0.0, pytest.approx(0.625))  # n* = 1: BS = Pass@4 picks t = 0.5
+    assert balance_score(by_t[1.0], 0.0, 1) == pytest.approx(0.5)
+    for nstar in (4, 6, 8):
+        t, tau, _ = search_config(by_t, (-0.5, 0.0, 0.5, 0.9), nstar)
+        assert (t, tau) == (1.0, 0.0)  # τ ∈ [0, 1) keeps exactly the right answers; τ < 0 only lowers BS
+    assert balance_score(by_t[0.5], 0.0, 6) == pytest.approx(0.1042, abs=1e-4)
+    assert balance_score(by_t[1.0], 0.0, 6) == pytest.approx(0.1667, abs=1e-4)
+    assert balance_score(by_t[1.0], -0.5, 6) == pytest.approx(0.0833, abs=1e-4)
+
+
 def test_config_search_argmax_and_first_maximum_on_ties():
     good = [[S("a", True), S("b", True)]]  # BS = 1 with n* = 2
     half = [[S("a", True), S("x", False, 0.4)]]  # τ < 0.4: n = 2, n' = 1 → 0.25; τ ≥ 0.4: 0.5
@@ -101,16 +170,15 @@ def test_distinct_equation_diversity():
 
 
 # ---------------------------------------------------------------- §8.5 rationalization and hints
-def test_rationalized_examples_are_stored_without_the_hint():
+def test_rationalized_examples_are_stored_without_the_hint(monkeypatch):
     tok = build_tiny_tokenizer()
     problems = {i: Problem(f"What is {i} + 1?", str(i + 1)) for i in range(4)}
-    template = "{prompt} (Hint: the answer is {answer}.)"
-    prompt_fn = lambda p: chat_prompt(tok, p.prompt)  # noqa: E731
-    hint_fn = lambda p: chat_prompt(tok, hint_question(p, template, "last_number"))  # noqa: E731
+    task = SimpleNamespace(mode="last_number", system_prompt=None,
+                           verify=lambda text, p: SimpleNamespace(correct=text.endswith(p.answer)))
     calls = []
 
-    def generate_fn(prompts):  # q0 solved directly; q1, q2 only with the hint; q3 never; q2's answer never ends
-        calls.append(prompts)
+    def fake_decode(lm, prompts, args, k=1, temperature=0.0, desc=""):  # q0 right at once; q1, q2 only with
+        calls.append(prompts)  # the hint; q3 never; q2's hinted answer never ends
         out = []
         for p in prompts:
             q = next(i for i in problems if f"What is {i} + 1?" in p)
@@ -118,57 +186,64 @@ def test_rationalized_examples_are_stored_without_the_hint():
             ans = str(q + 1) if (q == 0 or (hinted and q in (1, 2))) else "0"
             out.append((f"so: it is {ans}", [7, q, int(hinted)], q != 2))
         return out
-
-    verify = lambda text, p: text.endswith(p.answer)  # noqa: E731
-    examples, counts = star_collect(problems, prompt_fn, hint_fn, generate_fn, verify)
+    monkeypatch.setattr(star, "decode", fake_decode)
+    lm = SimpleNamespace(tokenizer=tok)
+    examples, counts = star_collect(lm, task, problems, star.Args())
     assert counts == {"solved": 1, "rationalized": 1}
-    assert [e.query for e in examples] == [0, 1]
+    assert [e.query for e in examples] == [0, 1] and [e.hinted for e in examples] == [False, True]
     assert len(calls) == 2 and len(calls[1]) == 3  # rationalization only for the 3 failures
-    assert not any("What is 0 + 1?" in p for p in calls[1])
+    assert all("Hint: the answer is" in p for p in calls[1]) and not any("What is 0 + 1?" in p for p in calls[1])
     for e in examples:
-        assert e.prompt == prompt_fn(problems[e.query]) and "Hint" not in e.prompt and "(Hint" not in e.prompt
+        assert e.prompt == chat_prompt(tok, problems[e.query].prompt) and "Hint" not in e.prompt
     assert examples[1].completion_ids == [7, 1, 1]  # the rationalized completion, under the hint-free prompt
-    no_rat, c = star_collect(problems, prompt_fn, hint_fn, generate_fn, verify, rationalize=False)
+    no_rat, c = star_collect(lm, task, problems, star.Args(rationalize=False))
     assert [e.query for e in no_rat] == [0] and c["rationalized"] == 0
 
 
 def test_hint_is_the_final_answer_only():
+    tok = build_tiny_tokenizer()
+    ask = lambda p, mode="last_number": star.question(tok, SimpleNamespace(mode=mode, system_prompt=None), p, "{prompt} ({answer})")  # noqa: E731
     gsm = Problem("Tom has 3 apples...", "72", {"solution": "3 * 24 = <<3*24=72>>72\n#### 72"})
-    text = hint_question(gsm, "{prompt} ({answer})", "last_number")
-    assert text == "Tom has 3 apples... (72)" and "<<" not in text  # not the reference solution (pitfall 2)
+    assert ask(gsm) == chat_prompt(tok, "Tom has 3 apples... (72)")  # not the reference solution (pitfall 2)
+    ms = load_task("multistep", n_train=1, n_test=1).train[0]
+    text = star.question(tok, SimpleNamespace(mode="last_number", system_prompt=None), ms, star.Args().hint_template)
+    assert f"(Hint: the answer is {ms.answer}.)" in text and ms.meta["steps"][0] not in text
     cd = Problem("Using [3, 4]...", "12", {"solution": "3 * 4", "numbers": [3, 4], "target": 12})
-    assert hint_question(cd, "{prompt} ({answer})", "countdown").endswith("(3 * 4)")
+    assert ask(cd, "countdown") == chat_prompt(tok, "Using [3, 4]... (3 * 4)")
 
 
 # ---------------------------------------------------------------- §8.7 loss mask
-def test_loss_mask_covers_exactly_the_completion_tokens():
+def _hand_nll(model, tok, e):
+    """−Σ log p(completion token | prompt, earlier completion tokens), one sequence, no padding, no masks."""
+    prompt = tok(e.prompt, add_special_tokens=False).input_ids
+    full = torch.tensor([prompt + e.completion_ids])
+    lp = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
+    return -lp[torch.arange(full.shape[1] - 1), full[0, 1:]][len(prompt) - 1:].sum().item()
+
+
+def test_loss_scores_exactly_the_completion_tokens_given_their_own_prompt():
+    """Catches: prompt tokens in the loss, a mask off by one, prompts padded on the wrong side (pad between
+    prompt and completion), and completions scored without (or with another row's) prompt: each row's loss
+    must equal a hand-written cross entropy of that completion after that prompt, rows of different lengths."""
     tok = build_tiny_tokenizer()
     model = build_tiny_model(0, tok)
-    rationales = ["Step 1: 12 + 30: 42. Answer: 42", "ok"]
+    rationales = ["Step 1: 12 + 30: 42. Answer: 42", "ok"]  # ':' inside a rationale shortens nothing
     prompts = [chat_prompt(tok, "Q: what is 12 + 30?\nA:"), chat_prompt(tok, "Q: 1?")]
     ex = [Example(i, p, tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id])
           for i, (p, r) in enumerate(zip(prompts, rationales))]
-    p_ids, p_mask, c_ids, c_mask = build_batch(tok, ex, "cpu")
+    batch = build_batch(tok, ex, "cpu")
+    logp = token_logprobs(model, *batch)
+    c_mask = batch[3]
     for row, e in enumerate(ex):
-        assert c_mask[row].sum().item() == len(e.completion_ids)  # ':' inside the rationale shortens nothing
-        assert c_ids[row][c_mask[row].bool()].tolist() == e.completion_ids
-        assert tok.decode(p_ids[row][p_mask[row].bool()]) == e.prompt
-    # the loss equals a hand-written causal-LM cross entropy over the completion tokens only
-    logp = token_logprobs(model, p_ids, p_mask, c_ids, c_mask)
-    loss = sft_loss(logp, c_mask)
-    nll, count = 0.0, 0
-    for e in ex:
-        prompt = tok(e.prompt, add_special_tokens=False).input_ids
-        full = torch.tensor([prompt + e.completion_ids])
-        lp = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
-        targets = full[0, 1:]
-        tok_lp = lp[torch.arange(len(targets)), targets][len(prompt) - 1:]
-        nll, count = nll - tok_lp.sum().item(), count + len(e.completion_ids)
-    assert loss.item() == pytest.approx(nll / count, rel=1e-4)
-    # a different question changes no target and no mask entry of the completion
-    ex2 = [Example(e.query, chat_prompt(tok, "something else entirely: 99 + 1"), e.completion_ids) for e in ex]
-    _, _, c_ids2, c_mask2 = build_batch(tok, ex2, "cpu")
-    assert torch.equal(c_ids, c_ids2) and torch.equal(c_mask, c_mask2)
+        assert int(c_mask[row].sum()) == len(e.completion_ids)
+        assert -(logp[row] * c_mask[row]).sum().item() == pytest.approx(_hand_nll(model, tok, e), rel=1e-4)
+    total = sum(_hand_nll(model, tok, e) for e in ex) / sum(len(e.completion_ids) for e in ex)
+    assert sft_loss(logp, c_mask).item() == pytest.approx(total, rel=1e-4)
+    # the completion is conditioned on its question: another question, the same completion, another loss
+    other = [Example(e.query, chat_prompt(tok, "something else entirely: 99 + 1"), e.completion_ids) for e in ex]
+    logp2 = token_logprobs(model, *build_batch(tok, other, "cpu"))
+    assert not torch.allclose((logp * c_mask).sum(1), (logp2 * c_mask).sum(1))
+    assert -(logp2[0] * c_mask[0]).sum().item() == pytest.approx(_hand_nll(model, tok, other[0]), rel=1e-4)
 
 
 # ---------------------------------------------------------------- §8.6 restart from base vs continue
@@ -184,8 +259,8 @@ def test_star_restarts_from_base_and_bstar_continues(restart):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, star.lr_lambda(args, 10))
     base = initial_state(params, opt, sched)
     ex = [Example(i, chat_prompt(tok, f"Q{i}"), tok(f"a{i} b", add_special_tokens=False).input_ids + [2]) for i in range(3)]
-    acc, gen = Accelerator(cpu=True), torch.Generator().manual_seed(0)
-    finetune(model, tok, ex, opt, sched, 3, args, acc, gen)  # iteration 1
+    lm, gen = LM(model, tok, None, opt, sched, params, Accelerator(cpu=True)), torch.Generator().manual_seed(0)
+    finetune(lm, ex, 3, args, gen)  # iteration 1
     trained = [p.detach().clone() for p in params]
     assert star.distance_from(params, base) > 0
     begin_iteration(params, opt, sched, base, args.restart_from_base)  # start of iteration 2
@@ -196,74 +271,167 @@ def test_star_restarts_from_base_and_bstar_continues(restart):
     else:  # P_{i−1}, its Adam moments and its place in the schedule
         assert all(torch.equal(p, t) for p, t in zip(params, trained))
         assert set(steps) == {3} and sched.last_epoch == 3
-    finetune(model, tok, ex, opt, sched, 2, args, acc, gen)
+    finetune(lm, ex, 2, args, gen)
     assert {int(s["step"]) for s in opt.state.values()} == ({2} if restart else {5})
 
 
 # ---------------------------------------------------------------- in-process runs that train
-SMALL = dict(model="tiny", n_train=6, n_test=4, subset_size=3, group_size=2, max_new_tokens=6, steps=2,
+SMALL = dict(model="tiny", n_train=6, n_test=4, n_dev=4, subset_size=3, group_size=2, max_new_tokens=6, steps=2,
              iterations=2, batch_size=2, temperatures=(0.7, 1.0), warmup_steps=0)
-
-
-def _ending_generate(monkeypatch):
-    """The random tiny model never says EOS: pretend every answer ended, so answers are selectable."""
-    real = star.generate
-
-    def fake(*a, **k):
-        ro = real(*a, **k)
-        ro.truncated[:] = False
-        return ro
-    monkeypatch.setattr(star, "generate", fake)
 
 
 def _rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_star_run_trains_then_restarts_from_base(tmp_path, monkeypatch):
-    from shared.verifiers import Verdict
-    _ending_generate(monkeypatch)
-    import shared.tasks
-    real_load = shared.tasks.load_task
+def _answers_by_query(monkeypatch, n_train, answer):
+    """Replace `decode` with answer(query, temperature, k, hinted) -> [(text, ended)] for the training
+    questions of multistep seed 0 (found by their prompt text); evaluation still runs the tiny model."""
+    task = load_task("multistep", seed=0, n_train=n_train, n_test=1)
+    tok = build_tiny_tokenizer()
+    which = {p.prompt: q for q, p in enumerate(task.train)}
 
-    def always_right(*a, **k):  # every answer counts as correct, so STaR keeps all 6 and trains
-        task = real_load(*a, **k)
-        task.verify = lambda text, p: Verdict(True, True, "x")
-        return task
-    monkeypatch.setattr(shared.tasks, "load_task", always_right)  # `Run` loads the task through it
+    def fake(lm, prompts, args, k=1, temperature=0.0, desc=""):
+        out = []
+        for p in prompts:
+            q = next(q for text, q in which.items() if text in p)
+            for text, ended in answer(q, temperature, k, "Hint" in p):
+                out.append((text, tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id], ended))
+        return out
+    monkeypatch.setattr(star, "decode", fake)
+    return task
+
+
+def test_star_run_trains_on_right_and_rationalized_answers_then_restarts_from_base(tmp_path, monkeypatch):
+    """Greedy answers are right for queries 0–1, the hint rescues 2–3 (through a wrong step for 3), 4–5 stay
+    wrong: 4 examples, 2 of them rationalized, half of those with a wrong step; every iteration starts at θ_0."""
+    def answer(q, t, k, hinted):
+        p = task.train[q]
+        if q < 2 or (hinted and q == 2):
+            return [(p.meta["solution"], True)]
+        if hinted and q == 3:
+            return [(f"1 + 1 = 3\nAnswer: {p.answer}", True)]
+        return [("Answer: 1000", True)]
+    task = _answers_by_query(monkeypatch, 6, answer)
     out = star.main(star.Args(**SMALL, mode="star", output_dir=str(tmp_path)))
     it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
-    assert [r["step"] for r in it] == [1, 2] and all(r["star/selected"] == 6 for r in it)
+    assert [r["step"] for r in it] == [1, 2] and all(r["star/selected"] == 4 for r in it)
+    assert it[0]["train/accuracy"] == pytest.approx(2 / 6) and it[0]["star/rationalized"] == 2
+    assert it[0]["star/rationalized_wrong_step"] == 0.5 and it[0]["star/kept_wrong_step"] == 0.25
     assert [r["train/steps"] for r in it] == [2, 2]  # int(2 · 1.2) = 2
     assert it[0]["star/dist_from_base"] > 0 and it[1]["star/init_dist"] == 0.0  # iteration 2 began at θ_0
-    assert it[0]["star/rationalized"] == 0 and it[0]["train/accuracy"] == 1.0
     state = torch.load(Path(out["run_dir"]) / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["iteration"] == 2 and {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}
 
 
-def test_bstar_with_prm_searches_threshold_and_continues(tmp_path, monkeypatch):
+def test_bstar_default_n_star_picks_the_spec_case_10_temperature(tmp_path, monkeypatch):
+    """The search inside a run, on §8 case 10 (48 questions × 4 samples, distinct balance scores): the default
+    n* = 6 picks t = 1.0 with BS 0.1667; n* = ⌈N/M⌉ with N scaled by K (= 1) would pick t = 0.5 (BS = Pass@4)."""
+    def answer(q, t, k, hinted):
+        right = task.train[q].meta["solution"]
+        if t == 0.5:
+            return [(right, True)] * k if q < 30 else [("Answer: 1000", True)] * k
+        if q < 24:
+            return [(right, True), (right + " ", True), ("Answer: 1000", True), ("Answer: 1001", True)][:k]
+        return [(f"Answer: {1000 + j}", True) for j in range(k)]
+    task = _answers_by_query(monkeypatch, 48, answer)
+    args = dict(SMALL, n_train=48, group_size=4, subset_size=48, temperatures=(0.5, 1.0), iterations=1)
+    out = star.main(star.Args(**args, mode="bstar", prm="none", monitor_temperature=1.0, output_dir=str(tmp_path)))
+    (r,) = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    assert r["star/n_star"] == 6 and r["bstar/threshold_search"] == 0.0
+    assert r["star/temperature"] == 1.0 and r["bstar/search_balance_score"] == pytest.approx(1 / 6)
+    assert r["bstar/balance_score_t0.5"] == pytest.approx(0.1042, abs=1e-4)
+    assert r["bstar/exploration"] == pytest.approx(1 / 6) and r["bstar/exploitation"] == 1.0
+    assert r["star/selected"] == 48 and r["star/queries_covered"] == 0.5  # 2 distinct right answers × 24
+    assert r["star/pass_at_k"] == 0.5 and r["star/pass_at_k_s"] == 0.5
+
+
+def test_bstar_step_reward_searches_threshold_and_continues(tmp_path, monkeypatch):
+    """multistep turns the step checker on by default (--prm auto): wrong answers with clean steps (r = 1) make
+    τ = 1 the best threshold, and the selected set then holds no wrong answer; iteration 2 continues from P_1."""
+    def answer(q, t, k, hinted):
+        p = task.train[q]
+        first = p.meta["steps"][0]
+        return [(p.meta["solution"], True), (f"{first}\nAnswer: {first.split('= ')[1]}", True)] * (k // 2)
+    task = _answers_by_query(monkeypatch, 6, answer)
+    out = star.main(star.Args(**SMALL, mode="bstar", thresholds=(-1.0, 0.0, 0.5, 1.0), output_dir=str(tmp_path)))
+    it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    assert all(r["bstar/threshold_search"] == 1.0 and r["star/threshold"] == 1.0 for r in it)
+    assert all(r["star/selected"] == 6 and r["star/kept_wrong_step"] == 0.0 for r in it)
+    assert it[0]["bstar/exploitation"] == 1.0 and it[1]["star/init_dist"] > 0  # iteration 2 continued from P_1
+    search = [json.loads(line) for line in (Path(out["run_dir"]) / "bstar_search.jsonl").read_text().splitlines()]
+    assert search[0]["tau"] == 1.0 and search[0]["grid"]["0.7"]["0.0"][2] == pytest.approx(0.5)  # n'/n at τ = 0
+    state = torch.load(Path(out["run_dir"]) / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4} and state["scheduler"]["last_epoch"] == 4
+
+
+def test_bstar_with_a_prm_checkpoint(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    _ending_generate(monkeypatch)
+
     tok = build_tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "prm")
     tok.save_pretrained(tmp_path / "prm")
-    out = star.main(star.Args(**SMALL, mode="bstar", prm=str(tmp_path / "prm"), output_dir=str(tmp_path / "runs")))
-    it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
-    assert all(r["bstar/threshold_search"] == 1.0 for r in it)
-    # nothing is correct, so every (t, τ) scores BS = 0 and the first (lowest t, lowest τ) wins
-    assert all(r["star/temperature"] == 0.7 and r["star/threshold"] == -1.0 for r in it)
-    assert all(r["star/selected"] > 0 for r in it)  # wrong answers with r_prm > −1 are kept (§7.10)
-    assert it[1]["star/init_dist"] > 0  # iteration 2 continued from P_1
-    state = torch.load(Path(out["run_dir"]) / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4} and state["scheduler"]["last_epoch"] == 4
+    _answers_by_query(monkeypatch, 6, lambda q, t, k, h: [(f"1 + {j} = {1 + j}\n\nAnswer: {j}", True) for j in range(k)])
+    out = star.main(star.Args(**dict(SMALL, iterations=1), mode="bstar", prm=str(tmp_path / "prm"), output_dir=str(tmp_path / "runs")))
+    (r,) = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    assert r["bstar/threshold_search"] == 1.0 and r["star/selected"] > 0  # wrong answers with r_prm > τ kept (§7.10)
+
+
+def test_best_iteration_and_early_stopping_follow_dev_not_test(tmp_path, monkeypatch):
+    """Dev peaks at iteration 1, test at 3: the best iteration is 1 (its test accuracy is what is reported),
+    --patience 2 stops after iteration 3, and test is evaluated once per evaluation point, on its own split."""
+    import shared.evaluation
+    _answers_by_query(monkeypatch, 6, lambda q, t, k, h: [(task.train[q].meta["solution"], True)] * k)
+    task = load_task("multistep", seed=0, n_train=6, n_test=4, n_dev=4)
+    curve = {"dev": [0.25, 0.75, 0.5, 0.5, 0.5], "test": [0.25, 0.25, 0.5, 1.0, 1.0]}
+    seen = {"dev": [], "test": []}
+
+    def fake_evaluate(model, tokenizer, task_, problems, *a, **k):
+        split = "dev" if [p.prompt for p in problems] == [p.prompt for p in task.dev] else "test"
+        assert split == "dev" or [p.prompt for p in problems] == [p.prompt for p in task.test]
+        seen[split].append(1)
+        return {"accuracy": curve[split][len(seen[split]) - 1], "format_rate": 1.0, "completion_len": 1.0}
+    monkeypatch.setattr(shared.evaluation, "evaluate", fake_evaluate)
+    out = star.main(star.Args(**dict(SMALL, iterations=5), patience=2, output_dir=str(tmp_path)))
+    rows = _rows(out["run_dir"])
+    assert [r["step"] for r in rows if "dev/accuracy" in r] == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2, 3]
+    assert out["best"] == {"iteration": 1, "dev_accuracy": 0.75, "test_accuracy": 0.25}
+    assert rows[-1]["star/best_iteration"] == 1 and rows[-1]["star/best_test_accuracy"] == 0.25
+    assert {p.prompt for p in task.dev}.isdisjoint({p.prompt for p in task.test + task.train})
+
+
+def test_arith_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        star.main(star.Args(model="tiny", task="arith"))
+    assert e.value.code == 2 and "final number only" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- smoke runs (subprocess)
-TINY = ["--model", "tiny", "--n-train", "6", "--n-test", "4", "--subset-size", "3", "--group-size", "2",
-        "--max-new-tokens", "6", "--steps", "2", "--temperatures", "0.7", "1.0"]
+TINY = ["--n-train", "6", "--n-test", "4", "--n-dev", "4", "--subset-size", "3", "--group-size", "2",
+        "--max-new-tokens", "40", "--steps", "2", "--temperatures", "0.7", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def taught_tiny(tmp_path_factory):
+    """The tiny model after 150 steps on the reference solutions of 4 of the 6 training questions, so that
+    greedy STaR gets those right and fine-tunes on them (a random model is always wrong and never trains)."""
+    tok, model = build_tiny_tokenizer(), build_tiny_model(0)
+    train = load_task("multistep", seed=0, n_train=6, n_test=1).train[:4]
+    ex = [Example(q, chat_prompt(tok, p.prompt), tok(p.meta["solution"], add_special_tokens=False).input_ids + [2])
+          for q, p in enumerate(train)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    batch = build_batch(tok, ex, "cpu")
+    for _ in range(150):
+        sft_loss(token_logprobs(model, *batch), batch[3]).backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("taught") / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def _run(args, out_dir):
@@ -281,37 +449,56 @@ def _only_run(d):
 
 
 @pytest.mark.slow
-def test_smoke_star(tmp_path):
-    _run(TINY + ["--iterations", "1"], tmp_path)
+def test_smoke_star_fine_tunes_on_its_own_right_answers(tmp_path, taught_tiny):
+    _run(["--model", taught_tiny, *TINY, "--iterations", "1"], tmp_path)
     run = _only_run(tmp_path)
-    assert run.name.startswith("star__arith__0__")
+    assert run.name.startswith("star__multistep__0__")
     rows = _rows(run)
-    it = [r for r in rows if "star/selected" in r]
-    assert len(it) == 1 and it[0]["star/selected"] == 0 and it[0]["train/steps"] == 0  # tiny is always wrong
-    for key in ("star/pass_at_k", "star/pass_at_k_s", "star/diversity", "star/best_of_k", "star/reward_at_k_s",
-                "star/temperature", "star/threshold", "star/balance_score", "star/rationalized", "train/accuracy"):
-        assert key in it[0]
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
+    (it,) = [r for r in rows if "star/selected" in r]
+    assert it["train/accuracy"] >= 3 / 6 and it["star/selected"] >= 3 and it["train/steps"] == 2  # it trained
+    assert it["star/kept_wrong_step"] == 0.0 and it["star/dist_from_base"] > 0 and math.isfinite(it["train/loss"])
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [r["step"] for r in rows if "dev/accuracy" in r] == [0, 1]
     assert (run / "checkpoint" / "model.safetensors").exists() and (run / "best" / "config.json").exists()
 
 
 @pytest.mark.slow
-def test_smoke_bstar_and_resume_match_a_straight_run(tmp_path):
-    bstar = TINY + ["--mode", "bstar"]
-    straight = _run(bstar + ["--iterations", "2"], tmp_path / "straight")
-    assert "threshold search is skipped" in straight.stdout
-    first = _run(bstar + ["--iterations", "1"], tmp_path / "split")
-    assert "threshold search is skipped" in first.stdout
+def test_smoke_bstar_searches_tau_and_trains(tmp_path, taught_tiny):
+    out = _run(["--model", taught_tiny, *TINY, "--mode", "bstar", "--iterations", "2"], tmp_path)
+    assert "τ searched" in out.stdout
+    rows = [r for r in _rows(_only_run(tmp_path)) if "star/selected" in r]
+    assert rows[0]["star/selected"] > 0 and rows[1]["train/steps"] == 2 and rows[1]["star/init_dist"] > 0
+
+
+@pytest.mark.slow
+def test_bstar_interrupted_and_resumed_matches_a_straight_run(tmp_path, taught_tiny, monkeypatch):
+    """Ctrl-C in iteration 2 of a 2-iteration run, then --resume: the same metrics, weights, Adam moments and
+    RNG as a straight run (the cosine horizon depends on --iterations, so both legs use the same value)."""
+    args = dict(model=taught_tiny, n_train=6, n_test=4, n_dev=4, subset_size=3, group_size=2, max_new_tokens=40, steps=2,
+                temperatures=(0.7, 1.0), mode="bstar", iterations=2)
+    straight = star.main(star.Args(**args, output_dir=str(tmp_path / "straight")))
+    real, calls = star.finetune, []
+
+    def interrupted(*a, **k):  # Ctrl-C in the second iteration, before its update
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(star, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        star.main(star.Args(**args, output_dir=str(tmp_path / "split")))
+    monkeypatch.setattr(star, "finetune", real)
     run = _only_run(tmp_path / "split")
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["iteration"] == 1
-    resumed = _run(["--resume", str(run), "--iterations", "2"], tmp_path / "split")
-    assert "resumed" in resumed.stdout and "after iteration 1" in resumed.stdout
-    a, b = (_rows(p) for p in (_only_run(tmp_path / "straight"), run))
-    assert [r["step"] for r in b if "star/selected" in r] == [1, 2]
-    for ra, rb in zip(*([r for r in rows if "star/selected" in r] for rows in (a, b))):
-        assert ra["bstar/threshold_search"] == 0.0
-        same = [k for k in ra if k.startswith(("star/", "bstar/", "train/")) and k != "star/diversity"]
+    star.main(star.Args(**args, resume=str(run)))
+    rows_a, rows_b = ([r for r in _rows(d) if "star/selected" in r] for d in (straight["run_dir"], run))
+    assert [r["step"] for r in rows_b] == [1, 2] and rows_a[0]["star/selected"] > 0 and rows_a[1]["train/steps"] == 2
+    for ra, rb in zip(rows_a, rows_b):
+        same = [k for k in ra if k.startswith(("star/", "bstar/", "train/")) and not math.isnan(ra[k])]
         assert all(ra[k] == rb[k] for k in same), {k: (ra[k], rb[k]) for k in same if ra[k] != rb[k]}
-    sa, sb = (torch.load(_only_run(d) / "checkpoint" / "trainer_state.pt", weights_only=False)
-              for d in (tmp_path / "straight", tmp_path / "split"))
+    sa, sb = (torch.load(Path(d) / "checkpoint" / "trainer_state.pt", weights_only=False) for d in (straight["run_dir"], run))
     assert sa["iteration"] == sb["iteration"] == 2 and torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
+    assert all(torch.equal(sa["optimizer"]["state"][i]["exp_avg"], sb["optimizer"]["state"][i]["exp_avg"])
+               for i in sa["optimizer"]["state"])
+    from safetensors.torch import load_file
+    wa, wb = (load_file(Path(d) / "checkpoint" / "model.safetensors") for d in (straight["run_dir"], run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
