@@ -500,7 +500,8 @@ def build_pairs(args: Args, lm, run, t: int, frozen) -> tuple[list[dict], dict]:
                       "chosen_correct": e["correct"][a], "rejected_correct": e["correct"][b]})
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     n_answers = N * len(entries)
-    metrics = {"cream/consistency": c_bar, "cream/consistency_all": mean([c for c in rates.values() if c is not None]),
+    known = [rates[k] for k in chosen if rates[k] is not None]  # C̄ as trained with (NaN when no pair has one)
+    metrics = {"cream/consistency": mean(known), "cream/consistency_all": mean([c for c in rates.values() if c is not None]),
                "cream/c_used": mean([p["c"] for p in pairs]), "cream/pairs": len(pairs), "cream/prompts": len(entries),
                "cream/reward_gap": mean([p["gap"] for p in pairs]),
                "cream/chosen_correct": mean([float(p["chosen_correct"]) for p in pairs]),
