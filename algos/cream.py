@@ -41,7 +41,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/cream.py` finds `shared`
 
-import copy
 import dataclasses
 import math
 import re
@@ -69,6 +68,8 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come fr
     """`multistep` (reference solutions step by step: the seed SFT set), `arith`, `countdown` or an HF task"""
     n_train: int = 1000
     """training problems: the seed set first, then one disjoint block of prompts per iteration"""
+    n_dev: int = 0
+    """dev problems: CREAM selects no model and stops nothing early (every M_t is reported), so none by default"""
     max_new_tokens: int = 48
     """generation budget per answer (768 in the paper); also used for the held-out evaluation"""
     temperature: float = 0.8
@@ -355,9 +356,9 @@ def main(args: Args) -> dict:
         """A frozen copy of the policy holding M_k's weights (for r_t and r_{t−1})."""
         from safetensors.torch import load_file
 
-        copy_ = run.frozen_copy(lm) if hasattr(run, "frozen_copy") else copy.deepcopy(lm.policy).eval().requires_grad_(False)
-        copy_.load_state_dict(load_file(str(snapshot_path(k))), strict=False)  # copied onto its device
-        return copy_.eval()
+        model_k = run.frozen_copy(lm)  # the policy's structure and precision (with LoRA: the whole peft model)
+        model_k.load_state_dict(load_file(str(snapshot_path(k))), strict=False)  # copied onto its device
+        return model_k
 
     state = run.restore(lm)  # weights, optimizer and RNG of the last checkpoint (--resume), else {}
     t, done = state.get("stage", 0), state.get("update", 0)  # M_t is the policy; `done` updates of stage t
