@@ -17,6 +17,8 @@ the two rewarders disagree, the loss pulls the pair towards "no preference".
     y+, y−     = argmax_i r_t(x, y_i), argmin_i r_t(x, y_i)       (prompt dropped when y+ = y−)
     Δ          = [log πθ(y+|x) − log π_{M_t}(y+|x)] − [log πθ(y−|x) − log π_{M_t}(y−|x)]
     L(θ)       = E[ C · (−log σ(βΔ)) + (1 − C) · (−log σ(−βΔ)) ]                 (§2; C = 1: DPO)
+(§ = the spec's sections: the paper's own equation numbers could not be checked, only its abstract and
+the released code were readable.)
 C is the dataset mean C̄ over the pairs (`--consistency avg`, the paper's method) or each pair's own
 C_x (`dyn`); `off` is the ablation C = 1 (plain DPO on the same implicitly rewarded pairs). `--judge`
 is the paper's SRLM baseline: the same model scores its answers with Yuan et al.'s additive 5-point
@@ -29,11 +31,14 @@ Choices and simplifications (see docs/cream/README_section.md for the reasons):
 - Rewards score the response tokens and the end-of-turn token only (the code also scores the
   assistant header, which cancels in r_t for t ≥ 1 but enters M_0's mean).
 - Answers that never end within --max-new-tokens get no reward: they are left out of both rankings
-  (a prompt with fewer than 2 ended answers is skipped); `--score-truncated` ranks them as the code does. Rates are keyed by prompt, never zipped
-  (the released code's zip over a set misattaches C after a skipped prompt, §7).
+  (a prompt with fewer than 2 ended answers is skipped); `--score-truncated` ranks them as the code
+  does. Rates are keyed by prompt, never zipped (the released code's zip over a set misattaches C
+  after a skipped prompt, §7). The code's filter of pairs shorter than 5 tokens is not applied.
 - Each stage (SFT, each iteration) is one fresh AdamW run with a warm-up ratio and cosine decay, as a
   separate Trainer run in the code. The SRLM judge samples `judge_samples` verdicts per answer and
   averages the parsed scores (Yuan et al. use 3); SRLM's EFT judge-training data is not used.
+Runs on one process or several (`torchrun`, `accelerate launch`): prompts, answers, rewards and the
+pairs of each batch are split across processes, and every process ends with the same weights.
 """
 
 import sys
