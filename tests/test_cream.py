@@ -343,6 +343,66 @@ def test_sigterm_mid_run_saves_and_resume_ends_identically(tmp_path):
     _assert_same_end(_only_run(tmp_path / "straight"), run)
 
 
+def _in_process(tmp_path, monkeypatch, extra=(), kill=None):
+    """main() on tiny in this process; kill = ("update", n) sends SIGINT to this process from inside the n-th
+    optimizer step (the handler holds it until the atomic update ends), ("generate", n) right after the n-th
+    sampling call and ("evaluate", n) inside the n-th evaluation (not atomic: they stop at once).
+    Returns the run dir."""
+    import algos.cream as cream
+    import shared.evaluation
+    from shared.args import cli
+
+    argv = ["cream.py", *TINY, "--iterations", "2", *extra, "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    calls = {"update": 0, "generate": 0, "evaluate": 0}
+
+    def counting(kind, fn):
+        def wrapped(*a, **k):
+            out, calls[kind] = fn(*a, **k), calls[kind] + 1  # the signal comes after the call: RNG draws are made
+            if kill == (kind, calls[kind]):
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting("update", torch.optim.AdamW.step))
+    monkeypatch.setattr(cream, "generate", counting("generate", cream.generate))
+    monkeypatch.setattr(shared.evaluation, "generate", counting("evaluate", shared.evaluation.generate))
+    if kill is None:
+        cream.main(cli(cream.Args))
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            cream.main(cli(cream.Args))
+    monkeypatch.undo()
+    return _only_run(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill, where", [
+    (("update", 2), (0, 2)),  # the last SFT update: its checkpoint says stage 0, 2 updates done
+    (("update", 3), (1, 1)),  # the first DPO update of iteration 1: pairs and π_ref saved with the weights
+    (("generate", 2), (2, 0)),  # after iteration 2 sampled (RNG advanced): redone from the stage seed on resume
+    (("evaluate", 3), (1, 2)),  # evaluating M_2 (after M_0, M_1): iteration 1 trained, not yet checkpointed
+])
+def test_ctrl_c_anywhere_saves_a_checkpoint_that_resume_finishes_identically(tmp_path, monkeypatch, kill, where):
+    straight = _in_process(tmp_path / "straight", monkeypatch)
+    run = _in_process(tmp_path / "killed", monkeypatch, kill=kill)
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert (state["stage"], state["update"]) == where
+    assert (state["pairs"] is not None) == (where[0] >= 1 and where[1] >= 1)
+    import algos.cream as cream
+    cream.main(cream.Args(resume=str(run)))
+    _assert_same_end(straight, run)
+
+
+@pytest.mark.slow
+def test_each_stage_is_a_fresh_adam_run(tmp_path, monkeypatch):
+    run = _in_process(tmp_path, monkeypatch)
+    _, state = _state(run)
+    last = [m for m in _metrics(run) if "train/steps" in m][-1]
+    steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
+    assert steps == {last["train/steps"]} == {2.0}  # Adam's step count restarted with the last stage
+
+
 WORKER = """
 import sys, hashlib
 sys.path.insert(0, {root!r})
