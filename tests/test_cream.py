@@ -275,6 +275,14 @@ def _assert_same_end(a, b):
     assert rows(a) == rows(b)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted `--iterations 2` run that every interrupted or resumed run must end identical to."""
+    out = tmp_path_factory.mktemp("straight")
+    _run(TINY + ["--iterations", "2"], out)
+    return _only_run(out)
+
+
 @pytest.mark.slow
 def test_smoke_one_iteration(tmp_path):
     _run(TINY + ["--iterations", "1", "--batch-size", "8", "--consistency", "dyn"], tmp_path)
@@ -307,52 +315,44 @@ def test_smoke_srlm_judge(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_at_an_iteration_matches_an_uninterrupted_run(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _run(TINY + ["--iterations", "2"], straight)
-    _run(TINY + ["--iterations", "1"], split)
-    run = _only_run(split)
-    out = _run(["--resume", str(run), "--iterations", "2"], split)
+def test_resume_at_an_iteration_matches_an_uninterrupted_run(tmp_path, straight):
+    _run(TINY + ["--iterations", "1"], tmp_path)
+    run = _only_run(tmp_path)
+    out = _run(["--resume", str(run), "--iterations", "2"], tmp_path)
     assert "resumed" in out.stdout and "stage 2" in out.stdout
-    _assert_same_end(_only_run(straight), run)
+    _assert_same_end(straight, run)
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_saves_and_resume_ends_identically(tmp_path):
-    flags = TINY + ["--iterations", "2", "--prompts-per-iteration", "16", "--n-train", "48", "--batch-size", "2",
-                    "--micro-batch-size", "1"]
-    _run(flags, tmp_path / "straight")
-    out_dir = tmp_path / "killed"
-    out_dir.mkdir()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "algos" / "cream.py"), *flags, "--output-dir", str(out_dir)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_sigterm_mid_run_saves_and_resume_ends_identically(tmp_path, straight):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "algos" / "cream.py"), *TINY, "--iterations", "2",
+                             "--output-dir", str(tmp_path)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait for the SFT stage to be logged: the kill lands in iteration 1
-        runs = list(out_dir.iterdir())
+    while time.time() < deadline:  # wait for the SFT stage to be logged: the kill lands in iteration 1 or 2
+        runs = list(tmp_path.iterdir())
         if runs and (runs[0] / "metrics.jsonl").exists() and any("train/loss" in r for r in _metrics(runs[0])):
             break
-        time.sleep(0.2)
-    time.sleep(1.0)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after stage" in out, out[-2000:]
-    run = _only_run(out_dir)
-    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["stage"] >= 1
-    _run(["--resume", str(run)], out_dir)
-    _assert_same_end(_only_run(tmp_path / "straight"), run)
+    run = _only_run(tmp_path)
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["stage"] >= 1
+    _run(["--resume", str(run)], tmp_path)
+    _assert_same_end(straight, run)
 
 
-def _in_process(tmp_path, monkeypatch, extra=(), kill=None):
-    """main() on tiny in this process; kill = ("update", n) sends SIGINT to this process from inside the n-th
-    optimizer step (the handler holds it until the atomic update ends), ("generate", n) right after the n-th
+def _killed_and_resumed(tmp_path, monkeypatch, kill):
+    """main() on tiny in this process, interrupted, then resumed. kill = ("update", n) sends SIGINT to this
+    process from inside the n-th optimizer step (the handler holds it until the atomic update ends), ("generate", n) right after the n-th
     sampling call and ("evaluate", n) inside the n-th evaluation (not atomic: they stop at once).
-    Returns the run dir."""
+    Returns the run directory."""
     import algos.cream as cream
     import shared.evaluation
     from shared.args import cli
 
-    argv = ["cream.py", *TINY, "--iterations", "2", *extra, "--output-dir", str(tmp_path)]
+    argv = ["cream.py", *TINY, "--iterations", "2", "--output-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     calls = {"update": 0, "generate": 0, "evaluate": 0}
 
@@ -367,12 +367,18 @@ def _in_process(tmp_path, monkeypatch, extra=(), kill=None):
     monkeypatch.setattr(torch.optim.AdamW, "step", counting("update", torch.optim.AdamW.step))
     monkeypatch.setattr(cream, "generate", counting("generate", cream.generate))
     monkeypatch.setattr(shared.evaluation, "generate", counting("evaluate", shared.evaluation.generate))
-    if kill is None:
-        cream.main(cli(cream.Args))
-    else:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): the same bits
+    try:
         with pytest.raises(KeyboardInterrupt):
             cream.main(cli(cream.Args))
-    monkeypatch.undo()
+        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(sys, "argv", ["cream.py"])
+            cream.main(cream.Args(resume=str(_only_run(tmp_path))))
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
     return _only_run(tmp_path)
 
 
@@ -383,22 +389,28 @@ def _in_process(tmp_path, monkeypatch, extra=(), kill=None):
     (("generate", 2), (2, 0)),  # after iteration 2 sampled (RNG advanced): redone from the stage seed on resume
     (("evaluate", 3), (1, 2)),  # evaluating M_2 (after M_0, M_1): iteration 1 trained, not yet checkpointed
 ])
-def test_ctrl_c_anywhere_saves_a_checkpoint_that_resume_finishes_identically(tmp_path, monkeypatch, kill, where):
-    straight = _in_process(tmp_path / "straight", monkeypatch)
-    run = _in_process(tmp_path / "killed", monkeypatch, kill=kill)
-    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert (state["stage"], state["update"]) == where
-    assert (state["pairs"] is not None) == (where[0] >= 1 and where[1] >= 1)
+def test_ctrl_c_anywhere_saves_a_checkpoint_that_resume_finishes_identically(tmp_path, monkeypatch, straight,
+                                                                           kill, where):
     import algos.cream as cream
-    cream.main(cream.Args(resume=str(run)))
+
+    seen = {}
+    save = cream.Run.save_on_interrupt
+
+    def spy(self, lm, what, **extras):
+        seen.update(extras)
+        return save(self, lm, what, **extras)
+
+    monkeypatch.setattr(cream.Run, "save_on_interrupt", spy)
+    run = _killed_and_resumed(tmp_path, monkeypatch, kill)
+    assert (seen["stage"], seen["update"]) == where
+    assert (seen["pairs"] is not None) == (where[0] >= 1 and where[1] >= 1)
     _assert_same_end(straight, run)
 
 
 @pytest.mark.slow
-def test_each_stage_is_a_fresh_adam_run(tmp_path, monkeypatch):
-    run = _in_process(tmp_path, monkeypatch)
-    _, state = _state(run)
-    last = [m for m in _metrics(run) if "train/steps" in m][-1]
+def test_each_stage_is_a_fresh_adam_run(straight):
+    _, state = _state(straight)
+    last = [m for m in _metrics(straight) if "train/steps" in m][-1]
     steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
     assert steps == {last["train/steps"]} == {2.0}  # Adam's step count restarted with the last stage
 
