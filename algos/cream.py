@@ -69,6 +69,10 @@ from shared.sampling import encode_prompts, generate
 
 @dataclass
 class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come from shared/args.py
+    """CREAM (arXiv:2410.12735): seed SFT, then self-rewarding DPO iterations regularised by the consistency of
+    consecutive implicit-reward rankings; `--consistency off` and `--judge` are the C = 1 and SRLM baselines.
+    One process or several (torchrun / accelerate launch): prompts and pairs are split across processes."""
+
     task: str = "multistep"
     """`multistep` (reference solutions step by step: the seed SFT set), `arith`, `countdown` or an HF task"""
     n_train: int = 1000
