@@ -88,7 +88,8 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come fr
 
     # ---- algorithm
     iterations: int = 3
-    """T: self-rewarding DPO iterations after SFT, M_1 → M_{T+1} (paper 3: M_2, M_3, M_4)"""
+    """T: self-rewarding DPO iterations after SFT, M_1 → M_{T+1} (paper 3: M_2, M_3, M_4); 0 = seed SFT only
+    (resume it with --iterations T, e.g. once per method from the same M_1)"""
     n_seed: int = 128
     """|D_S|: seed SFT examples (paper ≈3.4K OASST1 examples)"""
     prompts_per_iteration: int = 64
@@ -134,7 +135,7 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come fr
     """gradient-norm clip"""
 
     RULES: ClassVar[dict[str, str]] = {
-        "iterations": ">= 1", "n_seed": ">= 1", "prompts_per_iteration": ">= 1", "group_size": ">= 2",
+        "iterations": ">= 0", "n_seed": ">= 1", "prompts_per_iteration": ">= 1", "group_size": ">= 2",
         "top_p": "(0, 1]", "beta": "> 0", "judge_samples": ">= 1", "judge_max_new_tokens": ">= 1", "sft_epochs": ">= 1",
         "sft_lr": ">= 0", "epochs": ">= 1", "batch_size": "> 0", "micro_batch_size": "> 0", "gen_batch_size": "> 0",
         "weight_decay": ">= 0", "warmup_ratio": "[0, 1]", "max_grad_norm": "> 0"}

@@ -1,12 +1,14 @@
 """CREAM vs its C = 1 ablation vs the SRLM judge baseline, same seed and iterations (issue 17).
 
-Runs `algos/cream.py` once per method, each in its own process, on the same task split, seed set and
-prompt blocks (the SFT stage is the same in all three: same data, seed and schedule), then writes
+Runs the seed SFT stage once (`algos/cream.py --iterations 0`: M_0 → M_1), copies that run once per
+method and resumes each copy for T iterations with the method's flags, each in its own process, so all
+three start from the same M_1 and sample the same prompt blocks with the same seeds. Then writes
 docs/cream/benchmark.md (held-out greedy accuracy of every M_t and the mean consistency of every
 iteration), docs/cream/benchmark.json, docs/cream/benchmark.png and each run's metrics. The defaults
 fit about 20 minutes of the 2-core CPU with SmolLM2-135M-Instruct; pass larger sizes on a GPU.
 
   flock /tmp/cpu.lock python scripts/cream_benchmark.py       # the CPU run in docs/cream/benchmark.md
+  python scripts/cream_benchmark.py --model tiny ...            # a quick check of the script itself
   python scripts/cream_benchmark.py --from-json                # redraw the table and plot only
 """
 
@@ -31,9 +33,9 @@ from shared.run import read_metrics  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {  # name → (flags, label)
-    "cream": ([], "CREAM (C̄, Kendall τ)"),
-    "c1": (["--consistency", "off"], "C = 1 (plain DPO, same pairs)"),
-    "srlm": (["--judge"], "SRLM (LLM-as-judge, C = 1)"),
+    "cream": (["--consistency", "avg"], "CREAM (C̄, Kendall τ)"),
+    "c1": (["--consistency", "off"], "C = 1 (plain DPO, same kind of pairs)"),
+    "srlm": (["--judge", "--consistency", "off"], "SRLM (LLM-as-judge, C = 1)"),
 }
 
 
@@ -45,22 +47,22 @@ class Args:
     """policy model"""
     task: str = "multistep"
     """a built-in task with a verifier"""
-    level: int = 1
-    """its level"""
+    level: int = 3
+    """its level (multistep 3: two of + − × on 2..12; SFT on level 1 already reaches 90 %)"""
     seed: int = 0
     """one seed for every method (split, sampling, shuffling)"""
     iterations: int = 3
     """CREAM iterations T (M_2 .. M_{T+1})"""
-    n_seed: int = 64
+    n_seed: int = 128
     """seed SFT examples"""
-    sft_epochs: int = 2
+    sft_epochs: int = 3
     """seed SFT epochs"""
-    prompts_per_iteration: int = 32
+    prompts_per_iteration: int = 16
     """prompts per iteration (disjoint across iterations)"""
     n_test: int = 100
     """held-out problems (greedy accuracy of every M_t)"""
-    extra: str = ""
-    """further flags for every run, e.g. "--lr 2e-5 --judge-samples 1" """
+    extra: str = "--batch-size 4 --micro-batch-size 4 --judge-samples 1"
+    """further flags for every run (given to the SFT run, so the resumed runs inherit them)"""
     output_dir: str = "runs/cream_benchmark"
     """where the runs land"""
     docs_dir: str = "docs/cream"
@@ -77,25 +79,38 @@ def main(a: Args) -> None:
         write_docs(saved["meta"], saved["results"], docs)
         return
     common = ["--model", a.model, "--task", a.task, "--level", str(a.level), "--seed", str(a.seed),
-              "--iterations", str(a.iterations), "--n-seed", str(a.n_seed), "--sft-epochs", str(a.sft_epochs),
+              "--n-seed", str(a.n_seed), "--sft-epochs", str(a.sft_epochs),
               "--prompts-per-iteration", str(a.prompts_per_iteration), "--n-test", str(a.n_test), *a.extra.split()]
-    results, t_all = {}, time.time()
+    t_all = time.time()
+    sft_out = ROOT / a.output_dir / "sft"
+    sft_out.mkdir(parents=True, exist_ok=True)
+    sft_run, sft_s = launch([*common, "--iterations", "0"], sft_out)
+    results = {}
     for name in a.methods:
-        out = ROOT / a.output_dir / name
-        out.mkdir(parents=True, exist_ok=True)
-        before = set(out.iterdir())
-        cmd = [sys.executable, str(ROOT / "algos" / "cream.py"), *common, *METHODS[name][0], "--output-dir", str(out)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        t0 = time.time()
-        subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        run_dir = next(iter(set(out.iterdir()) - before))
-        results[name] = collect(read_metrics(run_dir), a.iterations) | {"wall_s": time.time() - t0,
-                                                                         "command": " ".join(cmd[2:-2])}
+        run_dir = ROOT / a.output_dir / name / sft_run.name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(sft_run, run_dir)
+        _, wall = launch(["--resume", str(run_dir), "--iterations", str(a.iterations), *METHODS[name][0]], None)
+        results[name] = collect(read_metrics(run_dir), a.iterations) | {"wall_s": wall}
         shutil.copy(run_dir / "metrics.jsonl", docs / f"{name}_metrics.jsonl")
-    meta = {"args": asdict(a), "total_wall_s": time.time() - t_all, "torch": torch.__version__,
+    commands = {"sft": " ".join([*common, "--iterations", "0"]),
+                **{name: f"--resume <copy of the SFT run> --iterations {a.iterations} " + " ".join(METHODS[name][0])
+                   for name in a.methods}}
+    meta = {"args": asdict(a), "total_wall_s": time.time() - t_all, "sft_wall_s": sft_s, "commands": commands,
+            "torch": torch.__version__,
             "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     (docs / "benchmark.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     write_docs(meta, results, docs)
+
+
+def launch(flags: list[str], out: pathlib.Path | None) -> tuple[pathlib.Path | None, float]:
+    """Run algos/cream.py with `flags` (in `out`, a new run directory, when given); (that directory, wall seconds)."""
+    before = set(out.iterdir()) if out else set()
+    cmd = [sys.executable, str(ROOT / "algos" / "cream.py"), *flags] + (["--output-dir", str(out)] if out else [])
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return (next(iter(set(out.iterdir()) - before)) if out else None), time.time() - t0
 
 
 def collect(rows: list[dict], iterations: int) -> dict:
@@ -120,10 +135,12 @@ def write_docs(meta: dict, results: dict, docs: pathlib.Path) -> None:
     lines = [f"# CREAM vs C = 1 vs SRLM on `{a['task']}` level {a['level']}", "",
              f"`{a['model']}`, seed {a['seed']} (one seed), {a['n_seed']} seed SFT examples × {a['sft_epochs']} epochs, "
              f"{T} iterations × {a['prompts_per_iteration']} prompts × N = 5 answers, {a['n_test']} held-out problems "
-             f"(greedy). Hardware: {meta['hardware']}. Total wall time {meta['total_wall_s'] / 60:.1f} min.", "",
+             f"(greedy). Hardware: {meta['hardware']}. Total wall time {meta['total_wall_s'] / 60:.1f} min, of which "
+             f"the shared seed SFT run (M_0 → M_1, both evaluated) {meta['sft_wall_s'] / 60:.1f} min. Extra flags: "
+             f"`{a['extra']}`.", "",
              "## Held-out greedy accuracy of every model", "",
              "| method | " + " | ".join(["M_0 (base)", "M_1 (SFT)"] + [f"M_{t + 1} (it. {t})" for t in range(1, T + 1)])
-             + " | wall time |", "|---" * (T + 4) + "|"]
+             + " | wall time (iterations) |", "|---" * (T + 4) + "|"]
     for name, r in results.items():
         lines.append(f"| {label(name)} | " + " | ".join(fmt(x, True) for x in r["accuracy"]) + f" | {r['wall_s'] / 60:.1f} min |")
     lines += ["", "## Per iteration", "",
@@ -143,7 +160,7 @@ def write_docs(meta: dict, results: dict, docs: pathlib.Path) -> None:
                 f"{fmt(m['train/margin'])} | {m['perf/step_s']:.0f} s ({m['perf/gen_s']:.0f} / {m['perf/reward_s']:.0f} / "
                 f"{m['perf/update_s']:.0f}) |")
     lines += ["", "Commands (each run's metrics: `docs/cream/<method>_metrics.jsonl`):", ""]
-    lines += [f"    python algos/cream.py {r['command']}" for r in results.values()]
+    lines += [f"    python algos/cream.py {c}" for c in meta["commands"].values()]
     (docs / "benchmark.md").write_text("\n".join(lines) + "\n")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -415,6 +415,21 @@ def test_each_stage_is_a_fresh_adam_run(straight):
     assert steps == {last["train/steps"]} == {2.0}  # Adam's step count restarted with the last stage
 
 
+@pytest.mark.slow
+def test_sft_only_then_each_method_resumes_from_the_same_m1(tmp_path, straight):
+    import shutil
+
+    _run(TINY + ["--iterations", "0"], tmp_path / "sft")
+    sft = _only_run(tmp_path / "sft")
+    assert torch.load(sft / "checkpoint" / "trainer_state.pt", weights_only=False)["stage"] == 1
+    for flags in ([], ["--judge", "--consistency", "off", "--judge-samples", "1", "--judge-max-new-tokens", "4"]):
+        copy = tmp_path / ("judge" if flags else "cream") / sft.name
+        shutil.copytree(sft, copy)
+        _run(["--resume", str(copy), "--iterations", "2", *flags], tmp_path)
+    _assert_same_end(straight, tmp_path / "cream" / sft.name)  # the same as one uninterrupted run
+    assert json.loads((tmp_path / "judge" / sft.name / "args.json").read_text())["judge"] is True
+
+
 WORKER = """
 import sys, hashlib
 sys.path.insert(0, {root!r})
@@ -445,7 +460,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
 BAD = [(["--consistency", "avg", "--judge"], "--consistency"), (["--n-train", "20"], "--n-train"),
        (["--group-size", "1"], "--group-size"), (["--top-p", "0"], "--top-p"), (["--beta", "0"], "--beta"),
        (["--warmup-ratio", "2"], "--warmup-ratio"), (["--measure", "nosuch"], "--measure"),
-       (["--iterations", "0"], "--iterations"), (["--task", "nosuch"], "--task")]
+       (["--iterations", "-1"], "--iterations"), (["--task", "nosuch"], "--task")]
 
 
 @pytest.mark.parametrize("flags, flag", BAD)
