@@ -156,9 +156,14 @@ def write_docs(meta: dict, results: dict, docs: pathlib.Path) -> None:
                 f"| {label(name)} | {t} | {fmt(m['cream/consistency'])} | {fmt(m['cream/consistency_all'])} | "
                 f"{int(m['cream/pairs'] or 0)} | "
                 f"{fmt(m['cream/chosen_correct'], True)} | {fmt(m['cream/rejected_correct'], True)} | "
-                f"{fmt(m['train/accuracy'], True)} | {fmt(m['train/scored_frac'], True)} | {fmt(m['train/loss'])} | "
-                f"{fmt(m['train/margin'])} | {m['perf/step_s']:.0f} s ({m['perf/gen_s']:.0f} / {m['perf/reward_s']:.0f} / "
+                f"{fmt(m['train/accuracy'], True)} | {fmt(m['train/scored_frac'], True)} | "
+                f"{fmt(m['train/loss'] if m['cream/pairs'] else None)} | {fmt(m['train/margin'] if m['cream/pairs'] else None)} | "
+                f"{m['perf/step_s']:.0f} s ({m['perf/gen_s']:.0f} / {m['perf/reward_s']:.0f} / "
                 f"{m['perf/update_s']:.0f}) |")
+    untrained = [label(n) for n, r in results.items() if not any(m["cream/pairs"] for m in r["iterations"].values())]
+    if untrained:
+        lines += ["", f"{', '.join(untrained)}: no pair in any iteration, so the model never changed; from iteration 2 "
+                  "on r_t = log π_{M_t} − log π_{M_{t−1}} ≡ 0 and its C values compare index orders (not plotted)."]
     lines += ["", "Commands (each run's metrics: `docs/cream/<method>_metrics.jsonl`):", ""]
     lines += [f"    python algos/cream.py {c}" for c in meta["commands"].values()]
     (docs / "benchmark.md").write_text("\n".join(lines) + "\n")
@@ -168,6 +173,8 @@ def write_docs(meta: dict, results: dict, docs: pathlib.Path) -> None:
         ax1.plot(range(len(r["accuracy"])), [100 * (x if x is not None else float("nan")) for x in r["accuracy"]],
                  marker="o", label=label(name))
         its = sorted(r["iterations"].items(), key=lambda kv: int(kv[0]))
+        if not any(m["cream/pairs"] for _, m in its):
+            continue  # never trained: M_t = M_{t−1}, r_t ≡ 0, and its "ranking" is the answers' index order
         ax2.plot([int(t) for t, _ in its], [m["cream/consistency_all"] for _, m in its], marker="o", label=label(name))
     ax1.set(xlabel="model M_t (0 base, 1 SFT, t ≥ 2 after iteration t − 1)", ylabel="held-out greedy accuracy (%)",
             xticks=range(T + 2))
