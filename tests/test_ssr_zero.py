@@ -200,21 +200,26 @@ def test_evaluation_scores_only_the_answer(monkeypatch):
     rows = parallel_split("dev")[:3]
     args = Args(model="tiny", directions=("en-de",))
 
-    def fake_sample(model, tok, prompts, n, max_new_tokens, temperature, args, think_has_ref=False):
+    def fake_sample(model, tok, prompts, n, max_new_tokens, temperature, args, form="answer"):
         texts = []
         for p in prompts:
-            row = next(r for r in rows if r["en"] in p)
-            texts.append(f"<think>{row['de']}</think><answer>{row['de']}</answer>" if not think_has_ref
-                         else f"<think>{row['de']}</think><answer>\"Hallo.\"</answer>")
+            ref = next(r for r in rows if r["en"] in p)["de"]
+            texts.append({"answer": f"<think>{ref}</think><answer>{ref}</answer>",
+                          "think": f"<think>{ref}</think><answer>\"Hallo.\"</answer>",
+                          "untagged": f"Sure! {ref}"}[form])
         return Rollout(torch.zeros(len(texts), 1), None, None, None, texts, torch.zeros(len(texts), dtype=torch.bool))
     monkeypatch.setattr(S, "sample", fake_sample)
     monkeypatch.setattr(S, "judge_scores", lambda m, t, items, a: [(50.0, True)] * len(items))
     res = S.evaluate_mt(None, None, rows, args)
     assert res["chrf"] == pytest.approx(100.0) and res["format_rate"] == 1.0 and res["self_score"] == 50.0
     assert res["lang_ratio"] == 1.0 and res["quote_frac"] == 0.0
-    monkeypatch.setattr(S, "sample", lambda *a: fake_sample(*a, think_has_ref=True))
+    monkeypatch.setattr(S, "sample", lambda *a: fake_sample(*a, form="think"))
     res = S.evaluate_mt(None, None, rows, args)
     assert res["chrf"] < 20 and res["quote_frac"] == 1.0  # the reference in <think> earns nothing
+    monkeypatch.setattr(S, "sample", lambda *a: fake_sample(*a, form="untagged"))
+    res = S.evaluate_mt(None, None, rows, args)
+    assert res["chrf"] == 0.0 and res["format_rate"] == 0.0 and "self_score" not in res  # malformed: empty ŷ
+    assert res["chrf_lenient"] > 80  # the lenient figure reads the untagged text
 
 
 def test_chrf_hand_computed():
