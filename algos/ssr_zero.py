@@ -475,15 +475,17 @@ def main(args: Args) -> dict:
                     "train/format_rate": valid.mean().item(), "train/loss": sums["loss"], "train/kl": sums["kl"],
                     "train/grad_norm": sums["grad_norm"], "train/completion_len": tokens / len(ro),
                     "train/truncated_frac": ro.truncated.float().mean().item(), "train/lr": scheduler.get_last_lr()[0],
-                    "ssr_zero/self_score": scores[judged].mean().item() if judged.any() else 0.0,
-                    "ssr_zero/judge_parse_fail": 1 - judge_ok[judged].mean().item() if judged.any() else 0.0,
                     "ssr_zero/judge_calls": int(judged.sum()),
                     "ssr_zero/lang_ratio": sum(guess_language(p.answer) == t for p, t in zip(parsed, tgt_of) if p.valid) / n_valid,
                     "ssr_zero/quote_frac": sum(p.quoted for p in parsed) / n_valid,
                     "ssr_zero/answer_chars": sum(len(p.answer) for p in parsed) / n_valid,
+                    "ssr_zero/group_std": rewards.view(-1, args.group_size).std(1).mean().item(),  # 0: no signal
                     "ssr_zero/zero_std_frac": (rewards.view(-1, args.group_size).std(1) == 0).float().mean().item(),
                     "grpo/clip_frac": sums["clip_frac"], "perf/step_s": step_s, "perf/gen_s": t_gen,
                     "perf/judge_s": t_judge, "perf/update_s": t_update, "perf/tokens_per_s": tokens / step_s}
+                if judged.any():  # mean s_i over the judged answers; the share of judge outputs without a number
+                    metrics |= {"ssr_zero/self_score": scores[judged].mean().item(),
+                                "ssr_zero/judge_parse_fail": 1 - judge_ok[judged].mean().item()}
                 run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", fmt=f"{metrics['train/format_rate']:.2f}")

@@ -94,14 +94,14 @@ def write(result: dict, out: pathlib.Path) -> None:
     train = [r for r in result["metrics"] if "train/reward" in r]
     lines += ["", "| step | reward | format rate | self-score | judge parse fail | zero-std groups | s/step |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['train/reward']:.2f} | {r['train/format_rate']:.2f} | {r['ssr_zero/self_score']:.1f} | "
-              f"{r['ssr_zero/judge_parse_fail']:.2f} | {r['ssr_zero/zero_std_frac']:.2f} | {r['perf/step_s']:.0f} |" for r in train]
+    lines += [f"| {r['step']} | {r['train/reward']:.2f} | {r['train/format_rate']:.2f} | {r.get('ssr_zero/self_score', float('nan')):.1f} | "
+              f"{r.get('ssr_zero/judge_parse_fail', float('nan')):.2f} | {r['ssr_zero/zero_std_frac']:.2f} | {r['perf/step_s']:.0f} |" for r in train]
     (out / "benchmark.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     steps = [r["step"] for r in train]
     for ax, key, title in zip(axes, ("train/reward", "train/format_rate", "ssr_zero/self_score"),
                               ("reward", "format-valid rate", "mean self-score (judged)")):
-        ax.plot(steps, [r[key] for r in train], marker="o")
+        ax.plot(steps, [r.get(key, float("nan")) for r in train], marker="o")
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()

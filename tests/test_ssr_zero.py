@@ -323,9 +323,11 @@ def test_smoke_and_resume_matches_an_uninterrupted_run(tmp_path):
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in ("train/reward", "train/format_rate", "train/kl", "train/grad_norm", "train/completion_len",
-                "ssr_zero/self_score", "ssr_zero/judge_parse_fail", "ssr_zero/lang_ratio", "ssr_zero/quote_frac",
-                "ssr_zero/zero_std_frac", "perf/judge_s", "perf/tokens_per_s"):
+                "ssr_zero/lang_ratio", "ssr_zero/quote_frac", "ssr_zero/group_std", "ssr_zero/zero_std_frac",
+                "perf/judge_s", "perf/tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in train), key
+    judged = [r for r in train if r["ssr_zero/judge_calls"] > 0]
+    assert judged and all(0 <= r["ssr_zero/self_score"] <= 100 and 0 <= r["ssr_zero/judge_parse_fail"] <= 1 for r in judged)
     assert any(r["train/grad_norm"] > 0 for r in train)  # the update is not trivially zero
     assert all(0 < r["ssr_zero/judge_calls"] < 8 for r in train if 0 < r["train/format_rate"] < 1)
     assert sum("dev/chrf" in r for r in rows) == sum("eval/chrf" in r for r in rows) == 4  # before + 3 steps
