@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/ssr_zero.py` finds `shared`
 
 import dataclasses
+import importlib.util
 import math
 import re
 import time
@@ -128,6 +129,9 @@ class Args(StepArgs):  # the experiment flags (--model, --total-steps, --lr, ...
             src, _, tgt = d.partition("-")
             require(src in LANGUAGES and tgt in LANGUAGES and src != tgt, "directions", d,
                     f"each must be `src-tgt` with two different languages among {', '.join(LANGUAGES)}")
+        if self.qe_model is not None:  # SSR-X
+            require(Path(self.qe_model).is_file(), "qe_model", self.qe_model, "must be a local COMET checkpoint file (model.ckpt)")
+            require(importlib.util.find_spec("comet") is not None, "qe_model", self.qe_model, "needs `pip install unbabel-comet`")
         require(not (self.load_in_4bit or self.load_in_8bit) or self.lora_r > 0, "lora_r", self.lora_r,
                 "--load-in-4bit/8bit quantises frozen weights: pass --lora-r too")
 

@@ -371,7 +371,8 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
 @pytest.mark.parametrize("flags, flag", [
     (["--directions", "en-xx"], "--directions"), (["--directions", "en-en"], "--directions"),
     (["--group-size", "1"], "--group-size"), (["--task", "arith"], "--task"), (["--n-test", "33"], "--n-test"),
-    (["--judge-temperature", "-1"], "--judge-temperature"), (["--epsilon", "1.5"], "--epsilon")])
+    (["--judge-temperature", "-1"], "--judge-temperature"), (["--epsilon", "1.5"], "--epsilon"),
+    (["--qe-model", "/no/such/model.ckpt"], "--qe-model")])
 def test_bad_flags_exit_2_with_one_line_before_any_work(flags, flag, tmp_path, monkeypatch, capsys):
     import shared.run
     from shared.args import cli
