@@ -5,7 +5,6 @@ and subprocess runs on `--model tiny` (smoke, resume bit-identity, SIGTERM, bad 
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -229,19 +228,6 @@ def test_chrf_hand_computed():
     assert chrf(["ab"], ["abc"]) == pytest.approx(100 * 35 / 55)
     assert chrf([""], ["abc"]) == 0.0
     assert chrf(["a b c"], ["abc"]) == pytest.approx(100.0)  # whitespace removed
-
-
-def test_chrf_matches_sacrebleu():
-    sacrebleu = pytest.importorskip("sacrebleu")
-    rng = random.Random(0)
-    refs = [r["de"] for r in parallel_split("test")]
-    for trial in range(20):
-        hyps = [" ".join(rng.sample(r.split(), k=rng.randint(1, len(r.split())))) for r in refs]
-        if trial % 5 == 0:
-            hyps[0] = ""
-        ours = chrf(hyps, refs)
-        theirs = sacrebleu.corpus_chrf(hyps, [refs]).score
-        assert ours == pytest.approx(theirs, abs=1e-9)
 
 
 # ---------------------------------------------------------------- helpers and data
