@@ -341,10 +341,10 @@ def judge_scores(model, tokenizer, items: list[tuple[str, str, str, str]], args:
 
 def evaluate_mt(model, tokenizer, rows: list[dict], args: Args) -> dict:
     """Greedy actor on `rows` in every direction: chrF of ŷ against the references (per direction and
-    their mean; a malformed output is an empty translation), the lenient chrF, the format rate, and the
+    their mean; a malformed output is an empty translation), BLEU over all directions, the lenient chrF, the format rate, and the
     model's own judge score of its well-formed answers (with parse failures, language ratio, quotes)."""
     prefix = "<think>" if args.prefill_think else ""
-    res, lenient, refs, parsed_all, items = {}, [], [], [], []
+    res, lenient, answers, refs, parsed_all, items = {}, [], [], [], [], []
     for d in args.directions:
         src, tgt = d.split("-")
         ro = sample(model, tokenizer, [actor_prompt(tokenizer, r[src], src, tgt, args) for r in rows], 1,
@@ -352,11 +352,13 @@ def evaluate_mt(model, tokenizer, rows: list[dict], args: Args) -> dict:
         parsed = actor_parsed(ro.texts, ro.truncated, prefix)
         res[f"chrf_{d}"] = chrf([p.answer for p in parsed], [r[tgt] for r in rows])  # only ŷ is scored
         lenient += [lenient_answer(t, prefix) for t in ro.texts]
+        answers += [p.answer for p in parsed]
         refs += [r[tgt] for r in rows]
         parsed_all += parsed
         items += [(r[src], p.answer, src, tgt) for r, p in zip(rows, parsed) if p.valid]
     res["chrf"] = sum(res[f"chrf_{d}"] for d in args.directions) / len(args.directions)
     res["chrf_lenient"] = chrf(lenient, refs)
+    res["bleu"] = sacrebleu.corpus_bleu(answers, [refs]).score  # all directions pooled, sacreBLEU's 13a tokens
     res["format_rate"] = sum(p.valid for p in parsed_all) / len(parsed_all)
     if items:
         judged = judge_scores(model, tokenizer, items, args)

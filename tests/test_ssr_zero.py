@@ -211,6 +211,7 @@ def test_evaluation_scores_only_the_answer(monkeypatch):
     monkeypatch.setattr(S, "judge_scores", lambda m, t, items, a: [(50.0, True)] * len(items))
     res = S.evaluate_mt(None, None, rows, args)
     assert res["chrf"] == pytest.approx(100.0) and res["format_rate"] == 1.0 and res["self_score"] == 50.0
+    assert res["bleu"] == pytest.approx(100.0)
     assert res["lang_ratio"] == 1.0 and res["quote_frac"] == 0.0
     monkeypatch.setattr(S, "sample", lambda *a: fake_sample(*a, form="think"))
     res = S.evaluate_mt(None, None, rows, args)
@@ -218,6 +219,7 @@ def test_evaluation_scores_only_the_answer(monkeypatch):
     monkeypatch.setattr(S, "sample", lambda *a: fake_sample(*a, form="untagged"))
     res = S.evaluate_mt(None, None, rows, args)
     assert res["chrf"] == 0.0 and res["format_rate"] == 0.0 and "self_score" not in res  # malformed: empty ŷ
+    assert res["bleu"] == 0.0
     assert res["chrf_lenient"] > 80  # the lenient figure reads the untagged text
 
 
