@@ -1,0 +1,630 @@
+"""PIT — implicit self-improvement learned from preference data.
+
+Paper: Wang et al., "Enabling Language Models to Implicitly Learn Self-Improvement", ICLR 2024,
+arXiv:2310.00898. Spec: shared/papers/pit.md (§ below; the paper's body was not readable, so the
+equations are rebuilt from detailed readings of it, and the items marked [unverified] there are flags).
+
+Self-Refine needs a hand-written rubric of what "better" means. PIT learns it from the preference pairs
+(x, y_w, y_l) that would train an RLHF reward model, by conditioning all three RLHF stages on a
+reference answer: an improver M_PIT learns to write y_w given y_l; a gap reward model R_PIT(x, y_a, y_b)
+scores how much better y_a is than y_b; RL makes M_PIT's answer beat its reference, first references
+from the data, then references from the policy model M_P. At inference M_PIT rewrites its own output.
+
+    L_SFT  = −Σ_D log M_PIT(y_w | x, y_l)                  loss on y_w's tokens only          (§2)
+    r^{a,b} = R_PIT(x, y_a, y_b)
+    L_RM   = −Σ_D [ log σ(r^{w,l} − r^{w,w}) + log σ(r^{w,l} − r^{l,l}) + log σ(r^{w,l} − r^{l,w})
+                    + log σ(r^{w,w} − r^{l,w}) + log σ(r^{l,l} − r^{l,w}) ]                      (Eq. 2)
+    max E_{x, y_ref, y ~ M_PIT(·|x, y_ref)} [ R_PIT(x, y, y_ref) − β KL(M_PIT(·|x, y_ref) ‖ M_PIT^SFT(·|x, y_ref)) ]
+                                                                                               (Eqs. 4–5)
+    round 0: y_ref = y_l from D;  round 1: y_ref ~ M_P(·|x), fresh for every batch          (curriculum)
+    y^0 ~ M_P(·|x),  y^{k+1} ~ M_PIT(·|x, y^k)                                            (inference)
+
+Choices (the paper leaves them open, §4/§8 of the spec): the RL algorithm is REINFORCE with the KL in
+the reward (a per-sequence Σ_t log π_θ − log π_SFT on the same (x, y_ref) prompt) and a leave-one-out
+baseline over G answers per (x, y_ref) (RLOO); an answer cut off at --max-new-tokens gets no reward and
+no gradient (`--score-truncated` scores it); R_PIT starts from the SFT model plus a linear head read at
+the last token; each training stage is one fresh AdamW run at a constant learning rate; the optional
+stop rule (keep y^k once R_PIT(x, y^{k+1}, y^k) ≤ 0) is not from the paper and is reported next to the
+plain chain, from the same samples. The preference data are built offline from a task (shared/
+preferences.py) or are Anthropic HH / TL;DR comparisons from the Hub. Runs on one process.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/pit.py` finds `shared`
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from shared.args import LMArgs, cli, require, usage_error
+from shared.logprobs import token_logprobs
+from shared.models import chat_prompt, load_model
+from shared.preferences import Triple, builtin_triples, hub_triples, quality
+from shared.rollouts import PromptStream, rollout_logprobs
+from shared.run import Run
+from shared.sampling import encode_prompts, generate
+
+
+@dataclass
+class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come from shared/args.py
+    """PIT (arXiv:2310.00898): improvement SFT, the gap reward model, curriculum RL and iterative inference,
+    each stage resumable. Runs on one process."""
+
+    task: str = "multistep"
+    """task behind the built-in preference set (`multistep` or `arith`); ignored for Hub preference sets"""
+    n_train: int = 400
+    """training triples (x, y_w, y_l): SFT and RM data, and the RL prompts"""
+    n_test: int = 100
+    """held-out triples: RM ordering accuracy, and the prompts of the inference evaluation (reported only)"""
+    n_dev: int = 0
+    """dev problems: PIT selects nothing here (every K is reported), so none by default"""
+    max_new_tokens: int = 64
+    """generation budget of every answer (RL samples, M_P references, inference chains)"""
+    temperature: float = 1.0
+    """T of the RL samples from M_PIT (log-probs and KL use logits / T)"""
+    lr: float = 1e-5
+    """AdamW learning rate of the SFT and RM stages (spec §4: 1e-5)"""
+
+    # ---- data and models
+    preferences: Literal["builtin", "hh-rlhf", "tldr"] = "builtin"
+    """preference set D: built from --task offline, or Anthropic/hh-rlhf or TL;DR comparisons (Hub)"""
+    policy_model: str | None = None
+    """M_P, whose answers PIT improves (round-1 references, y^0): None = the base chat model --model"""
+    improve_template: str = "{prompt}\n\nReference response:\n{reference}\n\nImproved response:"
+    """the M_PIT prompt (user turn): x and y_ref, no rubric of how to improve (§5); same in SFT, RL, inference"""
+    rm_template: str = "{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}"
+    """the R_PIT input (user turn); the scalar read at its last token is the gap of A over B (§5)"""
+
+    # ---- stage 1: improvement SFT
+    sft_epochs: int = 1
+    """epochs of L_SFT over the training triples"""
+    batch_size: int = 8
+    """triples per SFT and per RM step"""
+    # ---- stage 2: gap reward model
+    rm_epochs: int = 1
+    """epochs of L_RM (Eq. 2) over the training triples (four R_PIT passes per triple)"""
+    # ---- stage 3: curriculum RL
+    curriculum: tuple[Literal["data", "policy"], ...] = ("data", "policy")
+    """reference source of each RL round: `data` (y_l from D, Opt^{RL,0}) then `policy` (y_ref ~ M_P, Opt^{RL,1})"""
+    ref_winners: bool = False
+    """[unverified] `data` rounds also use y_w as the reference (every other prompt); default y_l only"""
+    rl_steps: int = 8
+    """updates per RL round (spec §4: round 1 as long as round 0)"""
+    rl_batch_size: int = 4
+    """(x, y_ref) prompts per RL update"""
+    group_size: int = 4
+    """G: answers sampled per (x, y_ref); each one's baseline is the mean reward of the other G − 1"""
+    beta: float = 0.05
+    """β: weight of the KL to M_PIT^SFT inside the reward (spec §4: 0.05)"""
+    rl_lr: float = 1e-6
+    """AdamW learning rate of the RL rounds (spec §4: 1e-6)"""
+    ref_temperature: float = 0.5
+    """T of the references sampled from M_P in `policy` rounds (0 = greedy)"""
+    score_truncated: bool = False
+    """score an RL answer cut off at --max-new-tokens with R_PIT (default: no reward, no gradient)"""
+    # ---- stage 4: iterative inference
+    improve_iterations: int = 3
+    """K: rewrites y^1..y^K of y^0 at inference (the paper looks at up to 5)"""
+    infer_temperature: float = 0.5
+    """T of y^0 ~ M_P and y^{k+1} ~ M_PIT at inference (paper: PIT best at 0.4–0.6; 0 = greedy)"""
+    judge_rm: str | None = None
+    """an HF sequence-classification reward model R(x, y) as a second judge of y^k vs y^0 (e.g. a DeBERTa RM)"""
+    # ---- optimisation
+    micro_batch_size: int = 8
+    """sequences per forward/backward (gradient accumulation; no effect on the maths)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    save_every: int = 20
+    """checkpoint every this many updates inside a stage (and at every stage's end, and on Ctrl-C)"""
+
+    RULES: ClassVar[dict[str, str]] = {
+        "temperature": "> 0", "sft_epochs": ">= 0", "batch_size": "> 0", "rm_epochs": ">= 0", "rl_steps": ">= 0", "rl_batch_size": "> 0",
+        "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0", "rl_lr": ">= 0",
+        "ref_temperature": ">= 0", "improve_iterations": ">= 0", "infer_temperature": ">= 0",
+        "micro_batch_size": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0", "save_every": ">= 1"}
+
+    def check(self) -> None:
+        super().check()
+        require(self.preferences != "builtin" or self.task in ("multistep", "arith"), "task", self.task,
+                "the built-in preference set is made from multistep or arith")
+        for name, keys in (("improve_template", ("{prompt}", "{reference}")), ("rm_template", ("{prompt}", "{a}", "{b}"))):
+            text = getattr(self, name)
+            require(all(k in text for k in keys), name, repr(text), f"must contain {' and '.join(keys)}")
+
+
+# ------------------------------------------------------------------------------------ ALGO LOGIC
+RM_PAIRS = (("w", "l"), ("l", "w"), ("w", "w"), ("l", "l"))  # the four R_PIT inputs of a triple, in this order
+
+
+def pit_rm_loss(r_wl: torch.Tensor, r_lw: torch.Tensor, r_ww: torch.Tensor, r_ll: torch.Tensor) -> torch.Tensor:
+    """Eq. 2, averaged over triples: r^{w,l} above both symmetric gaps and above r^{l,w}, both symmetric
+    gaps above r^{l,w}. Nothing ties r^{w,w} to r^{l,l} or to 0 (spec §2)."""
+    terms = (F.logsigmoid(r_wl - r_ww) + F.logsigmoid(r_wl - r_ll) + F.logsigmoid(r_wl - r_lw)
+             + F.logsigmoid(r_ww - r_lw) + F.logsigmoid(r_ll - r_lw))
+    return -terms.mean()
+
+
+def ordering_accuracy(r_wl, r_lw, r_ww, r_ll) -> dict[str, float]:
+    """How often each of Eq. 2's five orderings holds strictly (r^{w,l} > r^{w,w}, ...)."""
+    pairs = {"wl>ww": (r_wl, r_ww), "wl>ll": (r_wl, r_ll), "wl>lw": (r_wl, r_lw), "ww>lw": (r_ww, r_lw), "ll>lw": (r_ll, r_lw)}
+    return {k: (a > b).float().mean().item() for k, (a, b) in pairs.items()}
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    """L_SFT: −Σ mask · log M_PIT(y_w | x, y_l) / (y_w tokens of the whole batch); x and y_l are the
+    prompt, so they never enter `logp` (token_logprobs scores completion tokens only)."""
+    return -(logp * mask.to(logp.dtype)).sum() / max(float(num_tokens), 1.0)
+
+
+def pit_reward(gap: torch.Tensor, logp: torch.Tensor, anchor_logp: torch.Tensor, mask: torch.Tensor,
+               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 4–5 as a per-answer reward: R_PIT(x, y, y_ref) − β · KL, with KL the sampled estimate
+    Σ_t log M_PIT(y_t|x, y_ref, y_<t) − log M_PIT^SFT(y_t|x, y_ref, y_<t) (both on the same prompt)."""
+    kl = ((logp - anchor_logp) * mask.to(logp.dtype)).sum(1)
+    return gap - beta * kl, kl
+
+
+def rloo_advantages(reward: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_i = r_i − mean of the other valid answers of its group (REINFORCE leave-one-out); 0 for an
+    invalid answer and for a valid one without a valid neighbour."""
+    r, v = reward.view(-1, group_size), valid.view(-1, group_size).to(reward.dtype)
+    others = (v.sum(1, keepdim=True) - v).clamp(min=1)
+    baseline = ((r * v).sum(1, keepdim=True) - r * v) / others
+    has_others = (v.sum(1, keepdim=True) - v) > 0
+    return torch.where(has_others & (v > 0), r - baseline, torch.zeros_like(r)).flatten()
+
+
+def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, num_seqs: float) -> torch.Tensor:
+    """−(1/N) Σ_i A_i Σ_t log π(y_{i,t}): the policy gradient of the reward above (A detached)."""
+    return -(adv.detach().to(logp.dtype) * (logp * mask.to(logp.dtype)).sum(1)).sum() / max(float(num_seqs), 1.0)
+
+
+def stop_index(gaps: list[float]) -> int:
+    """The optional stop rule: with gaps[k] = R_PIT(x, y^{k+1}, y^k), the chain ends at the first k whose
+    rewrite is no better (gap ≤ 0) and keeps y^k; without one it runs to y^K."""
+    return next((k for k, g in enumerate(gaps) if g <= 0), len(gaps))
+
+
+def improvement_message(template: str, x: str, y_ref: str) -> str:
+    return template.format(prompt=x, reference=y_ref)
+
+
+def rm_message(template: str, x: str, y_a: str, y_b: str) -> str:
+    return template.format(prompt=x, a=y_a, b=y_b)
+
+
+def rm_quadruple(t: Triple) -> list[tuple[str, str, str]]:
+    """The four R_PIT inputs (x, y_a, y_b) of a triple in RM_PAIRS order: (w,l), (l,w), (w,w), (l,l)."""
+    y = {"w": t.y_w, "l": t.y_l}
+    return [(t.x, y[a], y[b]) for a, b in RM_PAIRS]
+
+
+def references(source: str, triples: list[Triple], positions: list[int], sample_policy, winners: bool) -> list[str]:
+    """y_ref of an RL batch: `data` → y_l from D (with `winners`, y_w at odd stream positions);
+    `policy` → one fresh answer of M_P per x (`sample_policy(xs)`; M_PIT never makes references)."""
+    if source == "data":
+        return [t.y_w if winners and pos % 2 else t.y_l for t, pos in zip(triples, positions)]
+    return sample_policy([t.x for t in triples])
+
+
+def improve_chain(xs: list[str], first, improve, template: str, K: int) -> list[list[tuple[str, bool]]]:
+    """[y^0, y^1, …, y^K] for every x: y^0 = first(xs), y^{k+1} = improve(prompts holding y^k verbatim).
+    `first` and `improve` return one (text, truncated) per prompt."""
+    chain = [first(xs)]
+    for _ in range(K):
+        chain.append(improve([improvement_message(template, x, y) for x, (y, _) in zip(xs, chain[-1])]))
+    return chain
+
+
+# ------------------------------------------------------------------------------------ helpers
+class GapRewardModel(torch.nn.Module):
+    """R_PIT(x, y_a, y_b): the LM's decoder reads x, y_a and y_b; a linear head maps the hidden state at
+    the last token to one scalar, the gap of y_a over y_b."""
+
+    def __init__(self, lm, seed: int):
+        super().__init__()
+        self.lm, hidden = lm, lm.config.hidden_size
+        self.head = torch.nn.utils.skip_init(torch.nn.Linear, hidden, 1, device=next(lm.parameters()).device)
+        with torch.no_grad():  # its own generator: building the head draws nothing from the global RNG
+            self.head.weight.copy_(torch.randn(1, hidden, generator=torch.Generator().manual_seed(seed)) / hidden ** 0.5)
+            self.head.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
+        return self.head(hidden[:, -1].float()).squeeze(-1)  # left padding: column −1 is every row's last token
+
+
+def trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def load_weights(module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    missing = set(load_file(str(path)).keys()) - set(dict(module.named_parameters()))
+    assert not missing, f"{path} holds weights the model lacks: {sorted(missing)[:3]}"
+    module.load_state_dict(load_file(str(path)), strict=False)
+
+
+def seed_of(seed: int, stage: str, update: int) -> int:
+    """The RNG seed of one update of one stage: a run interrupted anywhere and resumed samples the same."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stage}/{update}".encode()).digest()[:7], "big")
+
+
+def pad_batch(tokenizer, prompts: list[str], completions: list[list[int]], device):
+    """Prompts left-padded (chat text), completions right-padded; the mask is 1 on completion tokens."""
+    p_ids, p_mask = encode_prompts(tokenizer, prompts)
+    width = max(map(len, completions))
+    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
+    c_mask = torch.zeros(len(completions), width)
+    for i, c in enumerate(completions):
+        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c, dtype=torch.long), 1.0
+    return p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device)
+
+
+def sft_batch(tokenizer, template: str, triples: list[Triple], device):
+    """(x, y_l) → y_w: the improvement prompt holds x and y_l; the completion is y_w and the end-of-turn token."""
+    prompts = [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples]
+    targets = [tokenizer(t.y_w, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in triples]
+    return pad_batch(tokenizer, prompts, targets, device)
+
+
+def rm_scores(rm, tokenizer, template: str, items: list[tuple[str, str, str]], micro: int, accelerator) -> torch.Tensor:
+    """R_PIT(x, y_a, y_b) for each (x, y_a, y_b), `micro` inputs per forward pass (with autograd when on)."""
+    out = []
+    for i in range(0, len(items), micro):
+        texts = [chat_prompt(tokenizer, rm_message(template, *item)) for item in items[i:i + micro]]
+        ids, mask = encode_prompts(tokenizer, texts)
+        with accelerator.autocast():
+            out.append(rm(ids.to(accelerator.device), mask.to(accelerator.device)))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def kl_logprobs(model, anchor, ro, temperature: float, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log M_PIT and log M_PIT^SFT of the sampled answers, both on the rollout's own prompt (x, y_ref)."""
+    rows = torch.arange(len(ro), device=ro.prompt_ids.device)
+    return (rollout_logprobs(model, ro, rows, temperature, micro), rollout_logprobs(anchor, ro, rows, temperature, micro))
+
+
+def sample(model, tokenizer, messages: list[str], n: int, temperature: float, max_new_tokens: int, batch: int):
+    prompts = [chat_prompt(tokenizer, m) for m in messages]
+    return generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-6),
+                    greedy=temperature == 0, batch_size=batch)
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """`epochs` seeded permutations of range(n) cut into batches (the last one of an epoch may be short)."""
+    out = []
+    for e in range(epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + e)).tolist()
+        out += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    return out
+
+
+def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
+    norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def preference_data(args: Args, task) -> tuple[list[Triple], list[Triple]]:
+    """(training triples, held-out triples). Built-in: from the task's train and test problems (held-out
+    triples are made with seed 0, the same for every run)."""
+    if args.preferences == "builtin":
+        return builtin_triples(task, task.train, args.seed), builtin_triples(task, task.test, 0)
+    return (hub_triples(args.preferences, "train", args.n_train, args.seed),
+            hub_triples(args.preferences, "test", args.n_test, args.seed))
+
+
+def judge_scores(name: str, device):
+    """score(xs, ys) of a sequence-classification reward model reading (x, y) as a text pair."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+
+    @torch.no_grad()
+    def score(xs: list[str], ys: list[str]) -> torch.Tensor:
+        enc = tok(xs, ys, return_tensors="pt", padding=True, truncation=True, max_length=512).to(device)
+        return model(**enc).logits[:, 0].float().cpu()
+    return score
+
+
+# ------------------------------------------------------------------------------------ main
+def main(args: Args) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        usage_error("pit.py runs on one process (its four stages hold two trainable models); start it without torchrun")
+    run = Run("pit", args, task=args.preferences == "builtin")
+    args, acc, log, task = run.args, run.accelerator, run.log, run.task
+    lm = run.setup_lm(weight_decay=args.weight_decay, restore=False)  # M_PIT: starts as the base LM
+    model, tokenizer, optimizer = lm.model, lm.tokenizer, lm.optimizer
+    train, heldout = preference_data(args, task)
+    log(f"preferences: {len(train)} training and {len(heldout)} held-out triples ({args.preferences})")
+    state = run.restore(lm)
+    pos = {"completed": state.get("completed", []), "update": state.get("update", 0), "step": state.get("step", 0)}
+    names = list(trainable(lm.policy))  # what M_PIT^SFT and R_PIT's backbone store on disk
+    models_dir = run.dir / "models"
+    rounds = [f"rl{r}:{src}" for r, src in enumerate(args.curriculum)]
+    stages = ["sft", "rm", *rounds, f"infer:{len(rounds)}"]
+    cache: dict = {"rm_state": state.get("rm_state")}
+
+    def frozen(path: Path | None = None):
+        m = run.frozen_copy(lm)
+        if path is not None:
+            load_weights(m, path)
+        return m
+
+    def reward_model(train_it: bool = False) -> GapRewardModel:
+        """R_PIT: from the SFT weights (stage 2), or as trained (later stages, read from disk)."""
+        rm = GapRewardModel(frozen(), seed=args.seed)
+        if train_it:
+            for n, p in rm.lm.named_parameters():
+                p.requires_grad_(n in names)
+            return rm.train()
+        load_weights(rm, models_dir / "rm.safetensors")
+        return rm.eval()
+
+    def policy_model():
+        """M_P, frozen (loaded once): --policy-model, or the base chat model M_PIT started from."""
+        if "mp" not in cache:
+            mp, _ = load_model(args.policy_model or args.model, device=acc.device, seed=args.seed, log=log)
+            cache["mp"] = acc.prepare_model(mp.eval().requires_grad_(False), evaluation_mode=True)
+        return cache["mp"]
+
+    def log_metrics(metrics: dict) -> None:
+        run.logger.log(metrics | {"pit/stage": stages.index(name)}, pos["step"])
+
+    def checkpoint(**extra) -> None:
+        run.save(lm, completed=pos["completed"], update=pos["update"], step=pos["step"], **extra)
+
+    t_start, results, name = time.time(), {}, stages[0]
+    bar = tqdm(total=len(stages), initial=len(pos["completed"]), desc="pit", disable=not acc.is_main_process)
+    try:
+        for name in stages:
+            if name in pos["completed"]:
+                continue
+            if name == "sft":  # ---- stage 1: M_PIT learns y_w given (x, y_l)
+                train_sft(args, run, lm, train, pos, log_metrics, checkpoint)
+                save_weights(trainable(lm.policy), models_dir / "sft.safetensors")
+            elif name == "rm":  # ---- stage 2: R_PIT with the five-term loss of Eq. 2
+                rm = reward_model(train_it=True)
+                train_rm(args, run, lm, rm, train, heldout, pos, cache, log_metrics, checkpoint)
+                save_weights(trainable(rm), models_dir / "rm.safetensors")
+            elif name.startswith("rl"):  # ---- stage 3: one curriculum round
+                rl_round(args, run, lm, name, reward_model(), frozen(models_dir / "sft.safetensors"), policy_model,
+                         train, task, pos, log_metrics, checkpoint)
+            else:  # ---- stage 4: y^0 from M_P, then K rewrites by M_PIT
+                results = infer(args, run, lm, name, reward_model(), policy_model(), heldout, task)
+                log_metrics(results)
+            with run.atomic():  # the stage's end and its checkpoint go together
+                optimizer.state.clear()  # each training stage is a fresh AdamW run
+                pos["completed"], pos["update"] = pos["completed"] + [name], 0
+                cache["rm_state"] = None
+                checkpoint()
+            log(f"stage {name} done ({time.time() - t_start:.0f} s since start)")
+            bar.update(1)
+    except KeyboardInterrupt:
+        run.save_on_interrupt(lm, f"stage {name} update {pos['update']}", completed=pos["completed"],
+                              update=pos["update"], step=pos["step"], rm_state=cache["rm_state"])
+        raise
+    finally:
+        bar.close()
+        run.close()
+    log(f"run directory: {run.dir}")
+    return {"run_dir": str(run.dir), "inference": results, "policy": lm.policy, "policy_model": cache.get("mp")}
+
+
+def train_sft(args: Args, run, lm, train: list[Triple], pos: dict, log_metrics, checkpoint) -> None:
+    """Stage 1: L_SFT over `sft_epochs` of the training triples, one atomic update per batch."""
+    model, optimizer = lm.model, lm.optimizer
+    batches = epoch_batches(len(train), args.batch_size, args.sft_epochs, args.seed)
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr
+    model.train()
+    for k in range(pos["update"], len(batches)):
+        t0, batch = time.time(), [train[i] for i in batches[k]]
+        n_tok = sum(len(lm.tokenizer(t.y_w, add_special_tokens=False).input_ids) + 1 for t in batch)
+        with run.atomic():
+            loss_sum = 0.0
+            for i in range(0, len(batch), args.micro_batch_size):
+                b = sft_batch(lm.tokenizer, args.improve_template, batch[i:i + args.micro_batch_size], run.accelerator.device)
+                loss = sft_loss(token_logprobs(model, *b), b[3], n_tok)
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
+            pos["update"], pos["step"] = k + 1, pos["step"] + 1
+            log_metrics({"sft/loss": loss_sum, "sft/grad_norm": grad_norm, "perf/step_s": time.time() - t0,
+                         "perf/tokens_per_s": n_tok / (time.time() - t0)})
+        if pos["update"] % args.save_every == 0 and pos["update"] < len(batches):
+            checkpoint()
+    run.log(f"sft: {len(batches)} updates on {len(train)} triples, last loss {loss_sum if batches else float('nan'):.3f}")
+
+
+def train_rm(args: Args, run, lm, rm: GapRewardModel, train, heldout, pos, cache, log_metrics, checkpoint) -> None:
+    """Stage 2: Eq. 2 over `rm_epochs` of the training triples; ordering accuracy on held-out triples
+    before and after. Its weights and AdamW state ride in the checkpoint until the stage ends."""
+    acc = run.accelerator
+    optimizer = torch.optim.AdamW(trainable(rm).values(), lr=args.lr, weight_decay=args.weight_decay)
+    if cache["rm_state"] is not None:  # resumed inside the stage
+        rm.load_state_dict(cache["rm_state"]["weights"], strict=False)
+        optimizer.load_state_dict(cache["rm_state"]["optimizer"])
+
+    def heldout_accuracy(prefix: str) -> None:
+        rm.eval()
+        with torch.no_grad():
+            r = rm_scores(rm, lm.tokenizer, args.rm_template, [q for t in heldout for q in rm_quadruple(t)],
+                          args.micro_batch_size, acc).view(-1, 4)
+        rm.train()
+        res = ordering_accuracy(*r.unbind(1))
+        log_metrics({f"rm/{prefix}/{k}": v for k, v in res.items()})
+        run.log(f"R_PIT held-out ordering accuracy ({prefix}): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+
+    batches = epoch_batches(len(train), args.batch_size, args.rm_epochs, args.seed + 1)
+    if pos["update"] == 0:
+        heldout_accuracy("heldout_init")
+    per_micro = max(args.micro_batch_size // 4, 1)  # triples per forward pass (4 inputs each)
+    for k in range(pos["update"], len(batches)):
+        t0, batch = time.time(), [train[i] for i in batches[k]]
+        with run.atomic():
+            scores, loss_sum = [], 0.0
+            for i in range(0, len(batch), per_micro):
+                chunk = batch[i:i + per_micro]
+                r = rm_scores(rm, lm.tokenizer, args.rm_template, [q for t in chunk for q in rm_quadruple(t)],
+                              4 * per_micro, acc).view(-1, 4)
+                loss = pit_rm_loss(*r.unbind(1)) * len(chunk) / len(batch)
+                loss.backward()
+                loss_sum += loss.item()
+                scores.append(r.detach())
+            grad_norm = optimizer_step(rm, optimizer, args.max_grad_norm)
+            pos["update"], pos["step"] = k + 1, pos["step"] + 1
+            r = torch.cat(scores)
+            log_metrics({"rm/loss": loss_sum, "rm/grad_norm": grad_norm, "perf/step_s": time.time() - t0}
+                        | {f"rm/train/{key}": v for key, v in ordering_accuracy(*r.unbind(1)).items()}
+                        | {f"rm/r_{a}{b}": r[:, j].mean().item() for j, (a, b) in enumerate(RM_PAIRS)})
+            cache["rm_state"] = {"weights": trainable(rm), "optimizer": optimizer.state_dict()}
+        if pos["update"] % args.save_every == 0 and pos["update"] < len(batches):
+            checkpoint(rm_state=cache["rm_state"])
+    heldout_accuracy("heldout")
+
+
+def rl_round(args: Args, run, lm, name: str, rm, anchor, policy_model, train, task, pos, log_metrics, checkpoint) -> None:
+    """Stage 3, one round: REINFORCE (leave-one-out baseline) on R_PIT(x, y, y_ref) − β KL, with y_ref from
+    the data (`data`) or sampled from M_P (`policy`)."""
+    model, tokenizer, optimizer, acc = lm.model, lm.tokenizer, lm.optimizer, run.accelerator
+    source, G, B, T = name.split(":")[1], args.group_size, args.rl_batch_size, args.temperature
+    for group in optimizer.param_groups:
+        group["lr"] = args.rl_lr
+
+    def sample_policy(xs: list[str]) -> list[str]:
+        return sample(policy_model(), tokenizer, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts
+
+    for k in range(pos["update"], args.rl_steps):
+        t0 = time.time()
+        torch.manual_seed(seed_of(args.seed, name, k))
+        positions = list(range(k * B, (k + 1) * B))
+        stream = PromptStream(len(train), seed_of(args.seed, name, -1) % 2**31, cursor=k * B)
+        triples = [train[i] for i in stream.take(B)]
+        model.eval()
+        refs = references(source, triples, positions, sample_policy, args.ref_winners)
+        ro = sample(model, tokenizer, [improvement_message(args.improve_template, t.x, r) for t, r in zip(triples, refs)],
+                    G, T, args.max_new_tokens, 64).to(acc.device)
+        t_gen = time.time() - t0
+        xs, refs_g = [t.x for t in triples for _ in range(G)], [r for r in refs for _ in range(G)]
+        with torch.no_grad():
+            gap = rm_scores(rm, tokenizer, args.rm_template, list(zip(xs, ro.texts, refs_g)), args.micro_batch_size, acc)
+            copy_gap = rm_scores(rm, tokenizer, args.rm_template, [(t.x, r, r) for t, r in zip(triples, refs)],
+                                 args.micro_batch_size, acc)
+            logp, anchor_logp = kl_logprobs(model, anchor, ro, T, args.micro_batch_size)
+        reward, kl = pit_reward(gap.to(acc.device), logp, anchor_logp, ro.completion_mask, args.beta)
+        valid = torch.ones_like(ro.truncated) if args.score_truncated else ~ro.truncated
+        adv = rloo_advantages(reward, valid, G)
+        model.train()
+        with run.atomic():
+            t1, loss_sum, n_valid = time.time(), 0.0, int(valid.sum())
+            for rows in torch.arange(len(ro), device=acc.device).split(args.micro_batch_size):
+                logp_g = token_logprobs(model, ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows],
+                                        ro.completion_mask[rows], temperature=T)
+                loss = reinforce_loss(logp_g, ro.completion_mask[rows], adv[rows], n_valid)
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
+            pos["update"], pos["step"] = k + 1, pos["step"] + 1
+            v = valid.float()
+            metrics = {"train/reward": (reward * v).sum().item() / max(n_valid, 1), "pit/gap": gap.mean().item(),
+                       "pit/copy_gap": copy_gap.mean().item(), "train/kl": (kl * v).sum().item() / max(n_valid, 1),
+                       "train/loss": loss_sum, "train/grad_norm": grad_norm, "pit/round": int(name[2:].split(":")[0]),
+                       "train/truncated_frac": ro.truncated.float().mean().item(),
+                       "train/completion_len": ro.completion_mask.sum(1).float().mean().item(),
+                       "pit/ref_len": sum(len(tokenizer(r).input_ids) for r in refs) / B,
+                       "perf/gen_s": t_gen, "perf/update_s": time.time() - t1, "perf/step_s": time.time() - t0,
+                       "perf/tokens_per_s": ro.completion_mask.sum().item() / (time.time() - t0)}
+            if task is not None:  # the verifier's view of the same answers: did they beat their reference?
+                q = [quality(task, t.problem, y, bool(tr)) for t, y, tr in
+                     zip([t for t in triples for _ in range(G)], ro.texts, ro.truncated.tolist())]
+                q_ref = [quality(task, t.problem, r) for t, r in zip(triples, refs) for _ in range(G)]
+                metrics |= {"train/accuracy": sum(x > 0 for x in q) / len(q),
+                            "pit/true_win": sum(a > b for a, b in zip(q, q_ref)) / len(q),
+                            "pit/true_lose": sum(a < b for a, b in zip(q, q_ref)) / len(q)}
+            log_metrics(metrics)
+        if pos["update"] % args.save_every == 0 and pos["update"] < args.rl_steps:
+            checkpoint()
+    run.log(f"{name}: {args.rl_steps} updates" + (f", last reward {metrics['train/reward']:.3f}, gap "
+            f"{metrics['pit/gap']:.3f} (copy {metrics['pit/copy_gap']:.3f}), KL {metrics['train/kl']:.3f}" if args.rl_steps else ""))
+
+
+@torch.no_grad()
+def infer(args: Args, run, lm, name: str, rm, mp, heldout: list[Triple], task) -> dict:
+    """Stage 4: y^0 ~ M_P, y^{k+1} ~ M_PIT(·|x, y^k) on the held-out prompts. Per k: accuracy and win/lose
+    against y^0 by the task's exact grade (built-in data), R_PIT's verdict R_PIT(x, y^k, y^0) > 0, an
+    optional judge RM's, and the same for the chain with the stop rule. Texts go to inference_<n>.jsonl."""
+    torch.manual_seed(seed_of(args.seed, "infer", 0))  # y^0 is the same in every run of this seed
+    tok, acc, K, T = lm.tokenizer, run.accelerator, args.improve_iterations, args.infer_temperature
+    lm.model.eval()
+
+    def answers(model):
+        def fn(messages):
+            ro = sample(model, tok, messages, 1, T, args.max_new_tokens, 64)
+            return list(zip(ro.texts, ro.truncated.tolist()))
+        return fn
+
+    xs = [t.x for t in heldout]
+    chain = improve_chain(xs, answers(mp), answers(lm.model), args.improve_template, K)
+    score = lambda ys, refs: rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()  # noqa: E731
+    texts = [[y for y, _ in c] for c in chain]
+    step_gaps = torch.stack([score(texts[k + 1], texts[k]) for k in range(K)], 1) if K else torch.zeros(len(xs), 0)
+    stops = [stop_index(row) for row in step_gaps.tolist()]
+    judge = judge_scores(args.judge_rm, acc.device) if args.judge_rm else None
+    j0 = judge(xs, texts[0]) if judge else None
+    out, rows = {}, [{"x": x, "chain": [c[i][0] for c in chain], "truncated": [c[i][1] for c in chain],
+                      "stop": s, "step_gaps": g} for i, (x, s, g) in enumerate(zip(xs, stops, step_gaps.tolist()))]
+    grade = (lambda i, k: quality(task, heldout[i].problem, *chain[k][i])) if task is not None else None
+    for k in range(K + 1):
+        gap0 = score(texts[k], texts[0])
+        out |= {f"infer/rm_win_k{k}": (gap0 > 0).float().mean().item() if k else float("nan"), f"infer/rm_gap_k{k}": gap0.mean().item(),
+                f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
+                f"infer/truncated_k{k}": sum(tr for _, tr in chain[k]) / len(xs)}
+        if judge is not None:
+            out[f"infer/judge_win_k{k}"] = (judge(xs, texts[k]) > j0).float().mean().item()
+        if grade is not None:
+            for tag, pick in (("", lambda i: k), ("stop_", lambda i: min(k, stops[i]))):
+                q = [grade(i, pick(i)) for i in range(len(xs))]
+                q0 = [grade(i, 0) for i in range(len(xs))]
+                win, lose = (sum(a > b for a, b in zip(q, q0)) / len(q), sum(a < b for a, b in zip(q, q0)) / len(q))
+                out |= {f"infer/{tag}accuracy_k{k}": sum(x > 0 for x in q) / len(q),
+                        f"infer/{tag}wellformed_k{k}": sum(x == 2 for x in q) / len(q),
+                        f"infer/{tag}win_k{k}": win, f"infer/{tag}lose_k{k}": lose, f"infer/{tag}delta_k{k}": win - lose}
+    out["infer/stopped_frac"] = sum(s < K for s in stops) / len(xs)
+    with open(run.dir / f"inference_{name.split(':')[1]}.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (run.dir / f"inference_{name.split(':')[1]}.json").write_text(json.dumps(out, indent=1))
+    run.log(f"{name}: " + ", ".join(f"y^{k} " + (f"acc {out[f'infer/accuracy_k{k}']:.2f} Δ {out[f'infer/delta_k{k}']:+.2f} "
+                                                 if grade else "") + f"R_PIT win {out[f'infer/rm_win_k{k}']:.2f}" for k in range(K + 1)))
+    return out
+
+
+if __name__ == "__main__":
+    main(cli(Args))
