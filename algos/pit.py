@@ -554,7 +554,7 @@ def rl_round(args: Args, run, lm, name: str, rm, anchor, policy_model, train, ta
             pos["update"], pos["step"] = k + 1, pos["step"] + 1
             v = valid.float()
             metrics = {"train/reward": (reward * v).sum().item() / max(n_valid, 1), "pit/gap": gap.mean().item(),
-                       "pit/copy_gap": copy_gap.mean().item(), "train/kl": (kl * v).sum().item() / max(n_valid, 1),
+                       "pit/copy_gap": copy_gap.mean().item(), "train/kl": kl.mean().item(),
                        "train/loss": loss_sum, "train/grad_norm": grad_norm, "pit/round": int(name[2:].split(":")[0]),
                        "train/truncated_frac": ro.truncated.float().mean().item(),
                        "train/completion_len": ro.completion_mask.sum(1).float().mean().item(),
