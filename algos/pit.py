@@ -39,10 +39,11 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from shared.args import LMArgs, cli, require, usage_error
@@ -65,8 +66,6 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
     """training triples (x, y_w, y_l): SFT and RM data, and the RL prompts"""
     n_test: int = 100
     """held-out triples: RM ordering accuracy, and the prompts of the inference evaluation (reported only)"""
-    n_dev: int = 0
-    """dev problems: PIT selects nothing here (every K is reported), so none by default"""
     max_new_tokens: int = 64
     """generation budget of every answer (RL samples, M_P references, inference chains)"""
     temperature: float = 1.0
@@ -105,8 +104,8 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
     """G: answers sampled per (x, y_ref); each one's baseline is the mean reward of the other G − 1"""
     beta: float = 0.05
     """β: weight of the KL to M_PIT^SFT inside the reward (spec §4: 0.05)"""
-    rl_lr: float = 1e-6
-    """AdamW learning rate of the RL rounds (spec §4: 1e-6)"""
+    rl_lr: float = 1e-5
+    """AdamW learning rate of the RL rounds (spec §4 suggests 1e-6 at scale; 1e-5 suits a 135M model, as in grpo.py)"""
     ref_temperature: float = 0.5
     """T of the references sampled from M_P in `policy` rounds (0 = greedy)"""
     score_truncated: bool = False
@@ -123,8 +122,6 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
     """sequences per forward/backward (gradient accumulation; no effect on the maths)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
     save_every: int = 20
     """checkpoint every this many updates inside a stage (and at every stage's end, and on Ctrl-C)"""
 
@@ -132,7 +129,7 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
         "temperature": "> 0", "sft_epochs": ">= 0", "batch_size": "> 0", "rm_epochs": ">= 0", "rl_steps": ">= 0", "rl_batch_size": "> 0",
         "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0", "rl_lr": ">= 0",
         "ref_temperature": ">= 0", "improve_iterations": ">= 0", "infer_temperature": ">= 0",
-        "micro_batch_size": "> 0", "max_grad_norm": "> 0", "weight_decay": ">= 0", "save_every": ">= 1"}
+        "micro_batch_size": "> 0", "max_grad_norm": "> 0", "save_every": ">= 1"}
 
     def check(self) -> None:
         super().check()
@@ -196,12 +193,13 @@ def stop_index(gaps: list[float]) -> int:
     return next((k for k, g in enumerate(gaps) if g <= 0), len(gaps))
 
 
+def win_lose(q: list[int], q_ref: list[int]) -> tuple[float, float]:
+    """(win, lose): how often a grade is strictly above / below its reference's; Δ = win − lose (§4)."""
+    return sum(a > b for a, b in zip(q, q_ref)) / max(len(q), 1), sum(a < b for a, b in zip(q, q_ref)) / max(len(q), 1)
+
+
 def improvement_message(template: str, x: str, y_ref: str) -> str:
     return template.format(prompt=x, reference=y_ref)
-
-
-def rm_message(template: str, x: str, y_a: str, y_b: str) -> str:
-    return template.format(prompt=x, a=y_a, b=y_b)
 
 
 def rm_quadruple(t: Triple) -> list[tuple[str, str, str]]:
@@ -263,9 +261,9 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def load_weights(module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    missing = set(load_file(str(path)).keys()) - set(dict(module.named_parameters()))
-    assert not missing, f"{path} holds weights the model lacks: {sorted(missing)[:3]}"
-    module.load_state_dict(load_file(str(path)), strict=False)
+    weights = load_file(str(path))
+    assert set(weights) <= set(dict(module.named_parameters())), f"{path} holds weights the model lacks"
+    module.load_state_dict(weights, strict=False)
 
 
 def seed_of(seed: int, stage: str, update: int) -> int:
@@ -273,29 +271,21 @@ def seed_of(seed: int, stage: str, update: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{stage}/{update}".encode()).digest()[:7], "big")
 
 
-def pad_batch(tokenizer, prompts: list[str], completions: list[list[int]], device):
-    """Prompts left-padded (chat text), completions right-padded; the mask is 1 on completion tokens."""
-    p_ids, p_mask = encode_prompts(tokenizer, prompts)
-    width = max(map(len, completions))
-    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
-    c_mask = torch.zeros(len(completions), width)
-    for i, c in enumerate(completions):
-        c_ids[i, :len(c)], c_mask[i, :len(c)] = torch.tensor(c, dtype=torch.long), 1.0
-    return p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device)
-
-
 def sft_batch(tokenizer, template: str, triples: list[Triple], device):
-    """(x, y_l) → y_w: the improvement prompt holds x and y_l; the completion is y_w and the end-of-turn token."""
-    prompts = [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples]
-    targets = [tokenizer(t.y_w, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in triples]
-    return pad_batch(tokenizer, prompts, targets, device)
+    """(x, y_l) → y_w: prompts (x and y_l) left-padded, completions (y_w and the end-of-turn token) right-padded;
+    the completion mask is 1 on exactly those tokens."""
+    p_ids, p_mask = encode_prompts(tokenizer, [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples])
+    targets = [torch.tensor(tokenizer(t.y_w, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]) for t in triples]
+    c_ids = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
+    c_mask = pad_sequence([torch.ones(len(c)) for c in targets], batch_first=True)
+    return p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device)
 
 
 def rm_scores(rm, tokenizer, template: str, items: list[tuple[str, str, str]], micro: int, accelerator) -> torch.Tensor:
     """R_PIT(x, y_a, y_b) for each (x, y_a, y_b), `micro` inputs per forward pass (with autograd when on)."""
     out = []
     for i in range(0, len(items), micro):
-        texts = [chat_prompt(tokenizer, rm_message(template, *item)) for item in items[i:i + micro]]
+        texts = [chat_prompt(tokenizer, template.format(prompt=x, a=a, b=b)) for x, a, b in items[i:i + micro]]
         ids, mask = encode_prompts(tokenizer, texts)
         with accelerator.autocast():
             out.append(rm(ids.to(accelerator.device), mask.to(accelerator.device)))
@@ -330,15 +320,6 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     return norm
 
 
-def preference_data(args: Args, task) -> tuple[list[Triple], list[Triple]]:
-    """(training triples, held-out triples). Built-in: from the task's train and test problems (held-out
-    triples are made with seed 0, the same for every run)."""
-    if args.preferences == "builtin":
-        return builtin_triples(task, task.train, args.seed), builtin_triples(task, task.test, 0)
-    return (hub_triples(args.preferences, "train", args.n_train, args.seed),
-            hub_triples(args.preferences, "test", args.n_test, args.seed))
-
-
 def judge_scores(name: str, device):
     """score(xs, ys) of a sequence-classification reward model reading (x, y) as a text pair."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -353,276 +334,281 @@ def judge_scores(name: str, device):
     return score
 
 
-# ------------------------------------------------------------------------------------ main
-def main(args: Args) -> dict:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        usage_error("pit.py runs on one process (its four stages hold two trainable models); start it without torchrun")
-    run = Run("pit", args, task=args.preferences == "builtin")
-    args, acc, log, task = run.args, run.accelerator, run.log, run.task
-    lm = run.setup_lm(weight_decay=args.weight_decay, restore=False)  # M_PIT: starts as the base LM
-    model, tokenizer, optimizer = lm.model, lm.tokenizer, lm.optimizer
-    train, heldout = preference_data(args, task)
-    log(f"preferences: {len(train)} training and {len(heldout)} held-out triples ({args.preferences})")
-    state = run.restore(lm)
-    pos = {"completed": state.get("completed", []), "update": state.get("update", 0), "step": state.get("step", 0)}
-    names = list(trainable(lm.policy))  # what M_PIT^SFT and R_PIT's backbone store on disk
-    models_dir = run.dir / "models"
-    rounds = [f"rl{r}:{src}" for r, src in enumerate(args.curriculum)]
-    stages = ["sft", "rm", *rounds, f"infer:{len(rounds)}"]
-    cache: dict = {"rm_state": state.get("rm_state")}
+@dataclass
+class Pipeline:
+    """What the stages share: the flags, the run, M_PIT (`lm`), the data, and where the run stands: `pos`
+    holds the finished stages, the updates done in the current one and the logged steps; `rm_state`
+    R_PIT's weights and AdamW state while stage 2 runs (they ride in the checkpoint until it ends)."""
 
-    def frozen(path: Path | None = None):
-        m = run.frozen_copy(lm)
+    args: Args
+    run: Run
+    lm: Any
+    task: Any
+    train: list[Triple]
+    heldout: list[Triple]
+    pos: dict
+    rm_state: dict | None = None
+    stage: str = ""
+    mp: Any = None
+
+    @property
+    def models(self) -> Path:
+        return self.run.dir / "models"  # sft.safetensors (M_PIT^SFT) and rm.safetensors (R_PIT)
+
+    def log(self, metrics: dict) -> None:
+        self.run.logger.log(metrics, self.pos["step"])
+
+    def checkpoint(self) -> None:
+        self.run.save(self.lm, **self.pos, rm_state=self.rm_state)
+
+    def update_done(self, k: int, total: int, metrics: dict) -> None:
+        """The end of update k of `total` (inside its atomic block): count it, log it, checkpoint now and then."""
+        self.pos["update"], self.pos["step"] = k + 1, self.pos["step"] + 1
+        self.log(metrics)
+        if self.pos["update"] % self.args.save_every == 0 and self.pos["update"] < total:
+            self.checkpoint()
+
+    def frozen(self, path: Path | None = None):
+        """A frozen copy of the policy (the same structure and precision), with `path`'s weights if given."""
+        m = self.run.frozen_copy(self.lm)
         if path is not None:
             load_weights(m, path)
         return m
 
-    def reward_model(train_it: bool = False) -> GapRewardModel:
-        """R_PIT: from the SFT weights (stage 2), or as trained (later stages, read from disk)."""
-        rm = GapRewardModel(frozen(), seed=args.seed)
-        if train_it:
-            for n, p in rm.lm.named_parameters():
-                p.requires_grad_(n in names)
-            return rm.train()
-        load_weights(rm, models_dir / "rm.safetensors")
-        return rm.eval()
+    def reward_model(self, train: bool = False) -> GapRewardModel:
+        """R_PIT: from M_PIT's SFT weights plus a new head (stage 2), or as trained (later stages)."""
+        rm = GapRewardModel(self.frozen(), seed=self.args.seed)
+        if not train:
+            load_weights(rm, self.models / "rm.safetensors")
+            return rm.eval()
+        names = set(trainable(self.lm.policy))  # with LoRA only the adapters (and the head) train
+        for n, p in rm.lm.named_parameters():
+            p.requires_grad_(n in names)
+        return rm.train()
 
-    def policy_model():
-        """M_P, frozen (loaded once): --policy-model, or the base chat model M_PIT started from."""
-        if "mp" not in cache:
-            mp, _ = load_model(args.policy_model or args.model, device=acc.device, seed=args.seed, log=log)
-            cache["mp"] = acc.prepare_model(mp.eval().requires_grad_(False), evaluation_mode=True)
-        return cache["mp"]
+    def policy_model(self):
+        """M_P, frozen and loaded once: --policy-model, or the base chat model M_PIT started from."""
+        if self.mp is None:
+            acc = self.run.accelerator
+            mp, _ = load_model(self.args.policy_model or self.args.model, device=acc.device, seed=self.args.seed, log=self.run.log)
+            self.mp = acc.prepare_model(mp.eval().requires_grad_(False), evaluation_mode=True)
+        return self.mp
 
-    def log_metrics(metrics: dict) -> None:
-        run.logger.log(metrics | {"pit/stage": stages.index(name)}, pos["step"])
 
-    def checkpoint(**extra) -> None:
-        run.save(lm, completed=pos["completed"], update=pos["update"], step=pos["step"], **extra)
-
-    t_start, results, name = time.time(), {}, stages[0]
-    bar = tqdm(total=len(stages), initial=len(pos["completed"]), desc="pit", disable=not acc.is_main_process)
+# ------------------------------------------------------------------------------------ main
+def main(args: Args) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        usage_error("pit.py runs on one process (its four stages hold two trainable models); start it without torchrun")
+    run = Run("pit", args, task=args.preferences == "builtin")  # flags, resume, task, run dir (shared/run.py)
+    args, task = run.args, run.task
+    lm = run.setup_lm(restore=False)  # M_PIT: starts as the base LM
+    if args.preferences == "builtin":  # held-out triples are the same for every seed
+        train, heldout = builtin_triples(task, task.train, args.seed), builtin_triples(task, task.test, 0)
+    else:
+        train, heldout = (hub_triples(args.preferences, split, n, args.seed) for split, n in (("train", args.n_train), ("test", args.n_test)))
+    run.log(f"preferences: {len(train)} training and {len(heldout)} held-out triples ({args.preferences})")
+    state = run.restore(lm)  # --resume: weights, optimizer, where the run stands
+    p = Pipeline(args, run, lm, task, train, heldout, {k: state.get(k, d) for k, d in (("completed", []), ("update", 0), ("step", 0))},
+                 state.get("rm_state"))
+    stages = ["sft", "rm", *(f"rl{r}:{src}" for r, src in enumerate(args.curriculum)), f"infer:{len(args.curriculum)}"]
+    results = {}
     try:
         for name in stages:
-            if name in pos["completed"]:
+            if name in p.pos["completed"]:
                 continue
-            if name == "sft":  # ---- stage 1: M_PIT learns y_w given (x, y_l)
-                train_sft(args, run, lm, train, pos, log_metrics, checkpoint)
-                save_weights(trainable(lm.policy), models_dir / "sft.safetensors")
+            p.stage, t0, metrics = name, time.time(), {}
+            if name == "sft":  # ---- stage 1: M_PIT learns to write y_w given (x, y_l)
+                train_sft(p)
+                save_weights(trainable(lm.policy), p.models / "sft.safetensors")
             elif name == "rm":  # ---- stage 2: R_PIT with the five-term loss of Eq. 2
-                rm = reward_model(train_it=True)
-                train_rm(args, run, lm, rm, train, heldout, pos, cache, log_metrics, checkpoint)
-                save_weights(trainable(rm), models_dir / "rm.safetensors")
-            elif name.startswith("rl"):  # ---- stage 3: one curriculum round
-                rl_round(args, run, lm, name, reward_model(), frozen(models_dir / "sft.safetensors"), policy_model,
-                         train, task, pos, log_metrics, checkpoint)
+                rm = p.reward_model(train=True)
+                train_rm(p, rm)
+                save_weights(trainable(rm), p.models / "rm.safetensors")
+            elif name.startswith("rl"):  # ---- stage 3: one curriculum round, KL to M_PIT^SFT
+                rl_round(p, p.reward_model(), p.frozen(p.models / "sft.safetensors"))
             else:  # ---- stage 4: y^0 from M_P, then K rewrites by M_PIT
-                results = infer(args, run, lm, name, reward_model(), policy_model(), heldout, task)
-                log_metrics(results)
+                results = metrics = infer(p, p.reward_model(), p.policy_model())
             with run.atomic():  # the stage's end and its checkpoint go together
-                optimizer.state.clear()  # each training stage is a fresh AdamW run
-                pos["completed"], pos["update"] = pos["completed"] + [name], 0
-                cache["rm_state"] = None
-                checkpoint()
-            log(f"stage {name} done ({time.time() - t_start:.0f} s since start)")
-            bar.update(1)
+                p.log(metrics | {f"perf/stage_s/{name}": time.time() - t0})
+                lm.optimizer.state.clear()  # each training stage is a fresh AdamW run
+                p.pos |= {"completed": p.pos["completed"] + [name], "update": 0}
+                p.rm_state = None
+                p.checkpoint()
+            run.log(f"stage {name} done in {time.time() - t0:.0f} s")
     except KeyboardInterrupt:
-        run.save_on_interrupt(lm, f"stage {name} update {pos['update']}", completed=pos["completed"],
-                              update=pos["update"], step=pos["step"], rm_state=cache["rm_state"])
+        run.save_on_interrupt(lm, f"stage {p.stage} update {p.pos['update']}", **p.pos, rm_state=p.rm_state)
         raise
     finally:
-        bar.close()
         run.close()
-    log(f"run directory: {run.dir}")
-    return {"run_dir": str(run.dir), "inference": results, "policy": lm.policy, "policy_model": cache.get("mp")}
+    return run.summary(lm, None, None) | {"inference": results, "policy_model": p.mp}
 
 
-def train_sft(args: Args, run, lm, train: list[Triple], pos: dict, log_metrics, checkpoint) -> None:
+def train_sft(p: Pipeline) -> None:
     """Stage 1: L_SFT over `sft_epochs` of the training triples, one atomic update per batch."""
-    model, optimizer = lm.model, lm.optimizer
-    batches = epoch_batches(len(train), args.batch_size, args.sft_epochs, args.seed)
+    args, model, optimizer, tok = p.args, p.lm.model, p.lm.optimizer, p.lm.tokenizer
+    batches = epoch_batches(len(p.train), args.batch_size, args.sft_epochs, args.seed)
     for group in optimizer.param_groups:
         group["lr"] = args.lr
     model.train()
-    for k in range(pos["update"], len(batches)):
-        t0, batch = time.time(), [train[i] for i in batches[k]]
-        n_tok = sum(len(lm.tokenizer(t.y_w, add_special_tokens=False).input_ids) + 1 for t in batch)
-        with run.atomic():
+    for k in tqdm(range(p.pos["update"], len(batches)), desc="sft", leave=False):
+        t0, batch = time.time(), [p.train[i] for i in batches[k]]
+        n_tok = sum(len(tok(t.y_w, add_special_tokens=False).input_ids) + 1 for t in batch)
+        with p.run.atomic():
             loss_sum = 0.0
             for i in range(0, len(batch), args.micro_batch_size):
-                b = sft_batch(lm.tokenizer, args.improve_template, batch[i:i + args.micro_batch_size], run.accelerator.device)
+                b = sft_batch(tok, args.improve_template, batch[i:i + args.micro_batch_size], p.run.accelerator.device)
                 loss = sft_loss(token_logprobs(model, *b), b[3], n_tok)
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
-            pos["update"], pos["step"] = k + 1, pos["step"] + 1
-            log_metrics({"sft/loss": loss_sum, "sft/grad_norm": grad_norm, "perf/step_s": time.time() - t0,
-                         "perf/tokens_per_s": n_tok / (time.time() - t0)})
-        if pos["update"] % args.save_every == 0 and pos["update"] < len(batches):
-            checkpoint()
-    run.log(f"sft: {len(batches)} updates on {len(train)} triples, last loss {loss_sum if batches else float('nan'):.3f}")
+            p.update_done(k, len(batches), {"sft/loss": loss_sum, "sft/grad_norm": grad_norm, "perf/step_s": time.time() - t0,
+                                            "perf/tokens_per_s": n_tok / (time.time() - t0)})
+    p.run.log(f"sft: {len(batches)} updates of {args.batch_size} triples")
 
 
-def train_rm(args: Args, run, lm, rm: GapRewardModel, train, heldout, pos, cache, log_metrics, checkpoint) -> None:
-    """Stage 2: Eq. 2 over `rm_epochs` of the training triples; ordering accuracy on held-out triples
-    before and after. Its weights and AdamW state ride in the checkpoint until the stage ends."""
-    acc = run.accelerator
-    optimizer = torch.optim.AdamW(trainable(rm).values(), lr=args.lr, weight_decay=args.weight_decay)
-    if cache["rm_state"] is not None:  # resumed inside the stage
-        rm.load_state_dict(cache["rm_state"]["weights"], strict=False)
-        optimizer.load_state_dict(cache["rm_state"]["optimizer"])
+def train_rm(p: Pipeline, rm: GapRewardModel) -> None:
+    """Stage 2: Eq. 2 over `rm_epochs` of the training triples; the ordering accuracy on held-out triples
+    before and after."""
+    args, acc, tok = p.args, p.run.accelerator, p.lm.tokenizer
+    optimizer = torch.optim.AdamW(trainable(rm).values(), lr=args.lr, weight_decay=0.0)
+    if p.rm_state is not None:  # resumed inside the stage
+        rm.load_state_dict(p.rm_state["weights"], strict=False)
+        optimizer.load_state_dict(p.rm_state["optimizer"])
 
     def heldout_accuracy(prefix: str) -> None:
         rm.eval()
         with torch.no_grad():
-            r = rm_scores(rm, lm.tokenizer, args.rm_template, [q for t in heldout for q in rm_quadruple(t)],
+            r = rm_scores(rm, tok, args.rm_template, [q for t in p.heldout for q in rm_quadruple(t)],
                           args.micro_batch_size, acc).view(-1, 4)
         rm.train()
         res = ordering_accuracy(*r.unbind(1))
-        log_metrics({f"rm/{prefix}/{k}": v for k, v in res.items()})
-        run.log(f"R_PIT held-out ordering accuracy ({prefix}): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        p.log({f"rm/{prefix}/{k}": v for k, v in res.items()})
+        p.run.log(f"R_PIT held-out ordering accuracy ({prefix}): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
 
-    batches = epoch_batches(len(train), args.batch_size, args.rm_epochs, args.seed + 1)
-    if pos["update"] == 0:
+    batches = epoch_batches(len(p.train), args.batch_size, args.rm_epochs, args.seed + 1)
+    if p.pos["update"] == 0:
         heldout_accuracy("heldout_init")
     per_micro = max(args.micro_batch_size // 4, 1)  # triples per forward pass (4 inputs each)
-    for k in range(pos["update"], len(batches)):
-        t0, batch = time.time(), [train[i] for i in batches[k]]
-        with run.atomic():
-            scores, loss_sum = [], 0.0
+    for k in tqdm(range(p.pos["update"], len(batches)), desc="rm", leave=False):
+        t0, batch, scores = time.time(), [p.train[i] for i in batches[k]], []
+        with p.run.atomic():
+            loss_sum = 0.0
             for i in range(0, len(batch), per_micro):
                 chunk = batch[i:i + per_micro]
-                r = rm_scores(rm, lm.tokenizer, args.rm_template, [q for t in chunk for q in rm_quadruple(t)],
-                              4 * per_micro, acc).view(-1, 4)
+                r = rm_scores(rm, tok, args.rm_template, [q for t in chunk for q in rm_quadruple(t)], 4 * per_micro,
+                              acc).view(-1, 4)
                 loss = pit_rm_loss(*r.unbind(1)) * len(chunk) / len(batch)
                 loss.backward()
                 loss_sum += loss.item()
                 scores.append(r.detach())
             grad_norm = optimizer_step(rm, optimizer, args.max_grad_norm)
-            pos["update"], pos["step"] = k + 1, pos["step"] + 1
+            p.rm_state = {"weights": trainable(rm), "optimizer": optimizer.state_dict()}
             r = torch.cat(scores)
-            log_metrics({"rm/loss": loss_sum, "rm/grad_norm": grad_norm, "perf/step_s": time.time() - t0}
-                        | {f"rm/train/{key}": v for key, v in ordering_accuracy(*r.unbind(1)).items()}
-                        | {f"rm/r_{a}{b}": r[:, j].mean().item() for j, (a, b) in enumerate(RM_PAIRS)})
-            cache["rm_state"] = {"weights": trainable(rm), "optimizer": optimizer.state_dict()}
-        if pos["update"] % args.save_every == 0 and pos["update"] < len(batches):
-            checkpoint(rm_state=cache["rm_state"])
+            p.update_done(k, len(batches), {"rm/loss": loss_sum, "rm/grad_norm": grad_norm, "perf/step_s": time.time() - t0}
+                          | {f"rm/train/{key}": v for key, v in ordering_accuracy(*r.unbind(1)).items()}
+                          | {f"rm/r_{a}{b}": r[:, j].mean().item() for j, (a, b) in enumerate(RM_PAIRS)})
     heldout_accuracy("heldout")
 
 
-def rl_round(args: Args, run, lm, name: str, rm, anchor, policy_model, train, task, pos, log_metrics, checkpoint) -> None:
+def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
     """Stage 3, one round: REINFORCE (leave-one-out baseline) on R_PIT(x, y, y_ref) − β KL, with y_ref from
-    the data (`data`) or sampled from M_P (`policy`)."""
-    model, tokenizer, optimizer, acc = lm.model, lm.tokenizer, lm.optimizer, run.accelerator
-    source, G, B, T = name.split(":")[1], args.group_size, args.rl_batch_size, args.temperature
+    the data (`data`) or sampled from M_P (`policy`). Every update draws from its own seed."""
+    args, acc, model, optimizer, tok = p.args, p.run.accelerator, p.lm.model, p.lm.optimizer, p.lm.tokenizer
+    source, G, B, T, mb = p.stage.split(":")[1], args.group_size, args.rl_batch_size, args.temperature, args.micro_batch_size
     for group in optimizer.param_groups:
         group["lr"] = args.rl_lr
-
-    def sample_policy(xs: list[str]) -> list[str]:
-        return sample(policy_model(), tokenizer, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts
-
-    for k in range(pos["update"], args.rl_steps):
+    sample_policy = lambda xs: sample(p.policy_model(), tok, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts  # noqa: E731
+    for k in tqdm(range(p.pos["update"], args.rl_steps), desc=p.stage, leave=False):
         t0 = time.time()
-        torch.manual_seed(seed_of(args.seed, name, k))
-        positions = list(range(k * B, (k + 1) * B))
-        stream = PromptStream(len(train), seed_of(args.seed, name, -1) % 2**31, cursor=k * B)
-        triples = [train[i] for i in stream.take(B)]
+        torch.manual_seed(seed_of(args.seed, p.stage, k))
+        stream = PromptStream(len(p.train), seed_of(args.seed, p.stage, -1) % 2**31, cursor=k * B)
+        triples = [p.train[i] for i in stream.take(B)]
         model.eval()
-        refs = references(source, triples, positions, sample_policy, args.ref_winners)
-        ro = sample(model, tokenizer, [improvement_message(args.improve_template, t.x, r) for t, r in zip(triples, refs)],
+        refs = references(source, triples, list(range(k * B, (k + 1) * B)), sample_policy, args.ref_winners)
+        ro = sample(model, tok, [improvement_message(args.improve_template, t.x, r) for t, r in zip(triples, refs)],
                     G, T, args.max_new_tokens, 64).to(acc.device)
         t_gen = time.time() - t0
-        xs, refs_g = [t.x for t in triples for _ in range(G)], [r for r in refs for _ in range(G)]
+        pairs = [(t, r) for t, r in zip(triples, refs) for _ in range(G)]  # (triple, y_ref) of every answer
         with torch.no_grad():
-            gap = rm_scores(rm, tokenizer, args.rm_template, list(zip(xs, ro.texts, refs_g)), args.micro_batch_size, acc)
-            copy_gap = rm_scores(rm, tokenizer, args.rm_template, [(t.x, r, r) for t, r in zip(triples, refs)],
-                                 args.micro_batch_size, acc)
-            logp, anchor_logp = kl_logprobs(model, anchor, ro, T, args.micro_batch_size)
+            gap = rm_scores(rm, tok, args.rm_template, [(t.x, y, r) for (t, r), y in zip(pairs, ro.texts)], mb, acc)
+            copy_gap = rm_scores(rm, tok, args.rm_template, [(t.x, r, r) for t, r in zip(triples, refs)], mb, acc)
+            logp, anchor_logp = kl_logprobs(model, anchor, ro, T, mb)
         reward, kl = pit_reward(gap.to(acc.device), logp, anchor_logp, ro.completion_mask, args.beta)
         valid = torch.ones_like(ro.truncated) if args.score_truncated else ~ro.truncated
         adv = rloo_advantages(reward, valid, G)
         model.train()
-        with run.atomic():
+        with p.run.atomic():
             t1, loss_sum, n_valid = time.time(), 0.0, int(valid.sum())
-            for rows in torch.arange(len(ro), device=acc.device).split(args.micro_batch_size):
+            for rows in torch.arange(len(ro), device=acc.device).split(mb):
                 logp_g = token_logprobs(model, ro.prompt_ids[rows], ro.prompt_mask[rows], ro.completion_ids[rows],
                                         ro.completion_mask[rows], temperature=T)
                 loss = reinforce_loss(logp_g, ro.completion_mask[rows], adv[rows], n_valid)
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
-            pos["update"], pos["step"] = k + 1, pos["step"] + 1
-            v = valid.float()
-            metrics = {"train/reward": (reward * v).sum().item() / max(n_valid, 1), "pit/gap": gap.mean().item(),
-                       "pit/copy_gap": copy_gap.mean().item(), "train/kl": kl.mean().item(),
-                       "train/loss": loss_sum, "train/grad_norm": grad_norm, "pit/round": int(name[2:].split(":")[0]),
+            metrics = {"train/reward": (reward * valid).sum().item() / max(n_valid, 1), "pit/gap": gap.mean().item(),
+                       "pit/copy_gap": copy_gap.mean().item(), "train/kl": kl.mean().item(), "train/loss": loss_sum,
+                       "train/grad_norm": grad_norm, "pit/round": int(p.stage[2:].split(":")[0]),
                        "train/truncated_frac": ro.truncated.float().mean().item(),
                        "train/completion_len": ro.completion_mask.sum(1).float().mean().item(),
-                       "pit/ref_len": sum(len(tokenizer(r).input_ids) for r in refs) / B,
-                       "perf/gen_s": t_gen, "perf/update_s": time.time() - t1, "perf/step_s": time.time() - t0,
+                       "pit/ref_len": sum(len(tok(r).input_ids) for r in refs) / B, "perf/gen_s": t_gen,
+                       "perf/update_s": time.time() - t1, "perf/step_s": time.time() - t0,
                        "perf/tokens_per_s": ro.completion_mask.sum().item() / (time.time() - t0)}
-            if task is not None:  # the verifier's view of the same answers: did they beat their reference?
-                q = [quality(task, t.problem, y, bool(tr)) for t, y, tr in
-                     zip([t for t in triples for _ in range(G)], ro.texts, ro.truncated.tolist())]
-                q_ref = [quality(task, t.problem, r) for t, r in zip(triples, refs) for _ in range(G)]
-                metrics |= {"train/accuracy": sum(x > 0 for x in q) / len(q),
-                            "pit/true_win": sum(a > b for a, b in zip(q, q_ref)) / len(q),
-                            "pit/true_lose": sum(a < b for a, b in zip(q, q_ref)) / len(q)}
-            log_metrics(metrics)
-        if pos["update"] % args.save_every == 0 and pos["update"] < args.rl_steps:
-            checkpoint()
-    run.log(f"{name}: {args.rl_steps} updates" + (f", last reward {metrics['train/reward']:.3f}, gap "
-            f"{metrics['pit/gap']:.3f} (copy {metrics['pit/copy_gap']:.3f}), KL {metrics['train/kl']:.3f}" if args.rl_steps else ""))
+            if p.task is not None:  # the verifier's view of the same answers: did they beat their reference?
+                q = [quality(p.task, t.problem, y, tr) for (t, _), y, tr in zip(pairs, ro.texts, ro.truncated.tolist())]
+                win, lose = win_lose(q, [quality(p.task, t.problem, r) for t, r in pairs])
+                metrics |= {"train/accuracy": sum(x > 0 for x in q) / len(q), "pit/true_win": win, "pit/true_lose": lose}
+            p.update_done(k, args.rl_steps, metrics)
+    p.run.log(f"{p.stage}: {args.rl_steps} updates of {B} × {G} answers")
 
 
 @torch.no_grad()
-def infer(args: Args, run, lm, name: str, rm, mp, heldout: list[Triple], task) -> dict:
+def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
     """Stage 4: y^0 ~ M_P, y^{k+1} ~ M_PIT(·|x, y^k) on the held-out prompts. Per k: accuracy and win/lose
-    against y^0 by the task's exact grade (built-in data), R_PIT's verdict R_PIT(x, y^k, y^0) > 0, an
-    optional judge RM's, and the same for the chain with the stop rule. Texts go to inference_<n>.jsonl."""
+    against y^0 by the task's exact grade (built-in data), R_PIT's verdict R_PIT(x, y^k, y^0) > 0, the judge
+    RM's (--judge-rm), and the same for the chain with the stop rule. Texts go to inference_<rounds>.jsonl."""
+    args, acc, tok, K = p.args, p.run.accelerator, p.lm.tokenizer, p.args.improve_iterations
     torch.manual_seed(seed_of(args.seed, "infer", 0))  # y^0 is the same in every run of this seed
-    tok, acc, K, T = lm.tokenizer, run.accelerator, args.improve_iterations, args.infer_temperature
-    lm.model.eval()
+    p.lm.model.eval()
 
     def answers(model):
-        def fn(messages):
-            ro = sample(model, tok, messages, 1, T, args.max_new_tokens, 64)
+        def fn(messages: list[str]) -> list[tuple[str, bool]]:
+            ro = sample(model, tok, messages, 1, args.infer_temperature, args.max_new_tokens, 64)
             return list(zip(ro.texts, ro.truncated.tolist()))
         return fn
 
-    xs = [t.x for t in heldout]
-    chain = improve_chain(xs, answers(mp), answers(lm.model), args.improve_template, K)
-    score = lambda ys, refs: rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()  # noqa: E731
+    xs = [t.x for t in p.heldout]
+    chain = improve_chain(xs, answers(mp), answers(p.lm.model), args.improve_template, K)
     texts = [[y for y, _ in c] for c in chain]
-    step_gaps = torch.stack([score(texts[k + 1], texts[k]) for k in range(K)], 1) if K else torch.zeros(len(xs), 0)
-    stops = [stop_index(row) for row in step_gaps.tolist()]
+    score = lambda ys, refs: rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()  # noqa: E731
+    step_gaps = [score(texts[k + 1], texts[k]).tolist() for k in range(K)]  # R_PIT(x, y^{k+1}, y^k)
+    stops = [stop_index([g[i] for g in step_gaps]) for i in range(len(xs))]
     judge = judge_scores(args.judge_rm, acc.device) if args.judge_rm else None
-    j0 = judge(xs, texts[0]) if judge else None
-    out, rows = {}, [{"x": x, "chain": [c[i][0] for c in chain], "truncated": [c[i][1] for c in chain],
-                      "stop": s, "step_gaps": g} for i, (x, s, g) in enumerate(zip(xs, stops, step_gaps.tolist()))]
-    grade = (lambda i, k: quality(task, heldout[i].problem, *chain[k][i])) if task is not None else None
+    out = {"infer/stopped_frac": sum(s < K for s in stops) / len(xs)}
     for k in range(K + 1):
         gap0 = score(texts[k], texts[0])
-        out |= {f"infer/rm_win_k{k}": (gap0 > 0).float().mean().item() if k else float("nan"), f"infer/rm_gap_k{k}": gap0.mean().item(),
-                f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
+        out |= {f"infer/rm_gap_k{k}": gap0.mean().item(), f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
                 f"infer/truncated_k{k}": sum(tr for _, tr in chain[k]) / len(xs)}
-        if judge is not None:
-            out[f"infer/judge_win_k{k}"] = (judge(xs, texts[k]) > j0).float().mean().item()
-        if grade is not None:
-            for tag, pick in (("", lambda i: k), ("stop_", lambda i: min(k, stops[i]))):
-                q = [grade(i, pick(i)) for i in range(len(xs))]
-                q0 = [grade(i, 0) for i in range(len(xs))]
-                win, lose = (sum(a > b for a, b in zip(q, q0)) / len(q), sum(a < b for a, b in zip(q, q0)) / len(q))
-                out |= {f"infer/{tag}accuracy_k{k}": sum(x > 0 for x in q) / len(q),
-                        f"infer/{tag}wellformed_k{k}": sum(x == 2 for x in q) / len(q),
-                        f"infer/{tag}win_k{k}": win, f"infer/{tag}lose_k{k}": lose, f"infer/{tag}delta_k{k}": win - lose}
-    out["infer/stopped_frac"] = sum(s < K for s in stops) / len(xs)
-    with open(run.dir / f"inference_{name.split(':')[1]}.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    (run.dir / f"inference_{name.split(':')[1]}.json").write_text(json.dumps(out, indent=1))
-    run.log(f"{name}: " + ", ".join(f"y^{k} " + (f"acc {out[f'infer/accuracy_k{k}']:.2f} Δ {out[f'infer/delta_k{k}']:+.2f} "
-                                                 if grade else "") + f"R_PIT win {out[f'infer/rm_win_k{k}']:.2f}" for k in range(K + 1)))
+        if k:
+            out[f"infer/rm_win_k{k}"] = (gap0 > 0).float().mean().item()
+        if judge is not None and k:
+            out[f"infer/judge_win_k{k}"] = (judge(xs, texts[k]) > judge(xs, texts[0])).float().mean().item()
+        if p.task is not None:  # exact grades of y^k (and of the stop rule's answer) against y^0
+            grade = lambda i, j: quality(p.task, p.heldout[i].problem, *chain[j][i])  # noqa: E731
+            q0 = [grade(i, 0) for i in range(len(xs))]
+            for tag, q in (("", [grade(i, k) for i in range(len(xs))]), ("stop_", [grade(i, min(k, s)) for i, s in enumerate(stops)])):
+                win, lose = win_lose(q, q0)
+                out |= {f"infer/{tag}accuracy_k{k}": sum(x > 0 for x in q) / len(q), f"infer/{tag}win_k{k}": win,
+                        f"infer/{tag}wellformed_k{k}": sum(x == 2 for x in q) / len(q), f"infer/{tag}lose_k{k}": lose,
+                        f"infer/{tag}delta_k{k}": win - lose}
+    tag = p.stage.split(":")[1]
+    (p.run.dir / f"inference_{tag}.json").write_text(json.dumps(out, indent=1))
+    (p.run.dir / f"inference_{tag}.jsonl").write_text("".join(json.dumps(
+        {"x": x, "chain": [c[i][0] for c in chain], "truncated": [c[i][1] for c in chain], "stop": stops[i],
+         "step_gaps": [g[i] for g in step_gaps]}) + "\n" for i, x in enumerate(xs)))
+    if p.task is not None:
+        p.run.log(f"{p.stage}: accuracy " + " → ".join(f"{out[f'infer/accuracy_k{k}']:.2f}" for k in range(K + 1))
+                  + ", Δ vs y^0 " + " ".join(f"{out[f'infer/delta_k{k}']:+.2f}" for k in range(1, K + 1)))
     return out
 
 

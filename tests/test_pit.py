@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import algos.pit as pit
 from algos.pit import (Args, GapRewardModel, improve_chain, improvement_message, ordering_accuracy, pit_reward,
-                       pit_rm_loss, references, reinforce_loss, rloo_advantages, rm_message, rm_quadruple, sft_batch,
+                       pit_rm_loss, references, reinforce_loss, rloo_advantages, rm_quadruple, sft_batch,
                        sft_loss, stop_index)
 from shared.preferences import (Triple, builtin_triples, hh_triple, quality, tldr_triple, wrong_step_solution)
 from shared.steps import check_steps
@@ -80,11 +80,15 @@ def test_ordering_accuracy_counts_each_of_the_five_orderings():
 
 
 # ---------------------------------------------------------------- §8.4 RM inputs
-def test_rm_batch_is_four_inputs_in_order_and_a_fills_the_first_slot():
+def test_rm_batch_is_four_inputs_in_order_and_a_fills_the_first_slot(tiny):
+    from accelerate import Accelerator
+
     t = Triple("What is 2 + 2?", "4", "5")
     assert rm_quadruple(t) == [(t.x, "4", "5"), (t.x, "5", "4"), (t.x, "4", "4"), (t.x, "5", "5")]
-    text = rm_message(Args().rm_template, t.x, "FIRST", "SECOND")
-    assert text.index(t.x) < text.index("Response A:\nFIRST") < text.index("Response B:\nSECOND")
+    read = []
+    rm = lambda ids, mask: read.extend(tiny[1].decode(i[m.bool()]) for i, m in zip(ids, mask)) or torch.zeros(len(ids))  # noqa: E731
+    pit.rm_scores(rm, tiny[1], Args().rm_template, [(t.x, "FIRST", "SECOND")], 4, Accelerator(cpu=True))
+    assert read[0].index(t.x) < read[0].index("Response A:\nFIRST") < read[0].index("Response B:\nSECOND")
 
 
 # ---------------------------------------------------------------- §8.5 SFT masking
