@@ -401,12 +401,12 @@ def main(args: Args) -> dict:
         usage_error("pit.py runs on one process (its four stages hold two trainable models); start it without torchrun")
     run = Run("pit", args, task=args.preferences == "builtin")  # flags, resume, task, run dir (shared/run.py)
     args, task = run.args, run.task
-    lm = run.setup_lm(restore=False)  # M_PIT: starts as the base LM
     if args.preferences == "builtin":  # held-out triples are the same for every seed
         train, heldout = builtin_triples(task, task.train, args.seed), builtin_triples(task, task.test, 0)
     else:
         train, heldout = (hub_triples(args.preferences, split, n, args.seed) for split, n in (("train", args.n_train), ("test", args.n_test)))
     run.log(f"preferences: {len(train)} training and {len(heldout)} held-out triples ({args.preferences})")
+    lm = run.setup_lm(restore=False)  # M_PIT: starts as the base LM
     state = run.restore(lm)  # --resume: weights, optimizer, where the run stands
     p = Pipeline(args, run, lm, task, train, heldout, {k: state.get(k, d) for k, d in (("completed", []), ("update", 0), ("step", 0))},
                  state.get("rm_state"))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from shared.steps import check_steps
-from shared.tasks import Problem, Task, _load_hub_dataset
+from shared.tasks import _OFFLINE_HINT, Problem, Task, _load_hub_dataset
 
 HUB_PREFERENCES = {"hh-rlhf": ("Anthropic/hh-rlhf", None), "tldr": ("openai/summarize_from_feedback", "comparisons")}
 MULTISTEP_KINDS = ("wrong_step", "wrong_answer", "rambling", "wrong_rambling")
@@ -165,7 +165,10 @@ def hub_triples(name: str, split: str, n: int, seed: int, max_chars: int = 2000)
     """n triples of a Hub preference set ("train" or "test"; TL;DR's test is its validation split), in
     a fixed shuffled order (train: by seed), skipping rows whose x is longer than `max_chars`."""
     path, config = HUB_PREFERENCES[name]
-    ds = _load_hub_dataset(name, path, config)
+    try:
+        ds = _load_hub_dataset(name, path, config)
+    except SystemExit as e:  # the tasks' hint names tasks; here the offline choice is the built-in set
+        raise SystemExit(str(e).replace(_OFFLINE_HINT, "use --preferences builtin (made offline from --task)")) from None
     rows = ds[split if split in ds else "validation"]
     order = list(range(len(rows)))
     random.Random(f"{name}/{split}/{seed if split == 'train' else 0}").shuffle(order)

@@ -484,6 +484,17 @@ def test_bad_flag_exits_2_with_one_line_before_any_work(flags, flag, tmp_path, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_hub_preference_set_out_of_reach_exits_with_one_line_before_any_model(tmp_path, monkeypatch, no_model):
+    import shared.tasks
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(shared.tasks, "_hub_reachable", lambda *a: False)  # as on a machine without network
+    with pytest.raises(SystemExit) as e:
+        pit.main(Args(model="tiny", preferences="hh-rlhf", output_dir=str(tmp_path / "runs")))
+    assert "Anthropic/hh-rlhf" in str(e.value) and "--preferences builtin" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_several_processes_are_refused_with_one_line(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
