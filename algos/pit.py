@@ -135,9 +135,13 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
         super().check()
         require(self.preferences != "builtin" or self.task in ("multistep", "arith"), "task", self.task,
                 "the built-in preference set is made from multistep or arith")
-        for name, keys in (("improve_template", ("{prompt}", "{reference}")), ("rm_template", ("{prompt}", "{a}", "{b}"))):
-            text = getattr(self, name)
-            require(all(k in text for k in keys), name, repr(text), f"must contain {' and '.join(keys)}")
+        for name, keys in (("improve_template", ("prompt", "reference")), ("rm_template", ("prompt", "a", "b"))):
+            text, fields = getattr(self, name), {k: f"<{k}>" for k in keys}
+            try:
+                ok = all(v in text.format(**fields) for v in fields.values())
+            except (KeyError, IndexError, ValueError):
+                ok = False
+            require(ok, name, repr(text), "must hold " + " and ".join(f"{{{k}}}" for k in keys) + " and no other {field}")
 
 
 # ------------------------------------------------------------------------------------ ALGO LOGIC

@@ -473,7 +473,7 @@ def no_model(monkeypatch):
 @pytest.mark.parametrize("flags, flag", [
     (["--group-size", "1"], "--group-size"), (["--beta", "-0.1"], "--beta"), (["--task", "countdown"], "--task"),
     (["--curriculum", "nosuch"], "--curriculum"), (["--temperature", "0"], "--temperature"),
-    (["--improve-template", "{prompt} only"], "--improve-template"), (["--rl-batch-size", "0"], "--rl-batch-size"),
+    (["--improve-template", "{prompt} only"], "--improve-template"), (["--rm-template", "{prompt}{a}{b}{c}"], "--rm-template"), (["--rl-batch-size", "0"], "--rl-batch-size"),
     (["--preferences", "nosuch"], "--preferences"), (["--infer-temperature", "-1"], "--infer-temperature")])
 def test_bad_flag_exits_2_with_one_line_before_any_work(flags, flag, tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.setattr(sys, "argv", ["pit.py", "--model", "tiny", *flags, "--output-dir", str(tmp_path / "runs")])
