@@ -43,13 +43,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from shared.args import LMArgs, cli, require, usage_error
 from shared.logprobs import token_logprobs
 from shared.models import chat_prompt, load_model
-from shared.preferences import Triple, builtin_triples, hub_triples, quality
+from shared.preferences import Triple, builtin_triples, hub_triples, quality, reward_model_judge
 from shared.rollouts import PromptStream, rollout_logprobs
 from shared.run import Run
 from shared.sampling import encode_prompts, generate
@@ -126,8 +127,8 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
     """checkpoint every this many updates inside a stage (and at every stage's end, and on Ctrl-C)"""
 
     RULES: ClassVar[dict[str, str]] = {
-        "temperature": "> 0", "sft_epochs": ">= 0", "batch_size": "> 0", "rm_epochs": ">= 0", "rl_steps": ">= 0", "rl_batch_size": "> 0",
-        "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0", "rl_lr": ">= 0",
+        "temperature": "> 0", "sft_epochs": ">= 0", "batch_size": "> 0", "rm_epochs": ">= 0", "rl_steps": ">= 0",
+        "rl_batch_size": "> 0", "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0", "rl_lr": ">= 0",
         "ref_temperature": ">= 0", "improve_iterations": ">= 0", "infer_temperature": ">= 0",
         "micro_batch_size": "> 0", "max_grad_norm": "> 0", "save_every": ">= 1"}
 
@@ -158,7 +159,8 @@ def pit_rm_loss(r_wl: torch.Tensor, r_lw: torch.Tensor, r_ww: torch.Tensor, r_ll
 
 def ordering_accuracy(r_wl, r_lw, r_ww, r_ll) -> dict[str, float]:
     """How often each of Eq. 2's five orderings holds strictly (r^{w,l} > r^{w,w}, ...)."""
-    pairs = {"wl>ww": (r_wl, r_ww), "wl>ll": (r_wl, r_ll), "wl>lw": (r_wl, r_lw), "ww>lw": (r_ww, r_lw), "ll>lw": (r_ll, r_lw)}
+    pairs = {"wl>ww": (r_wl, r_ww), "wl>ll": (r_wl, r_ll), "wl>lw": (r_wl, r_lw), "ww>lw": (r_ww, r_lw),
+             "ll>lw": (r_ll, r_lw)}
     return {k: (a > b).float().mean().item() for k, (a, b) in pairs.items()}
 
 
@@ -255,16 +257,12 @@ def trainable(module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
 
 
 def load_weights(module, path: Path) -> None:
-    from safetensors.torch import load_file
-
     weights = load_file(str(path))
     assert set(weights) <= set(dict(module.named_parameters())), f"{path} holds weights the model lacks"
     module.load_state_dict(weights, strict=False)
@@ -278,8 +276,10 @@ def seed_of(seed: int, stage: str, update: int) -> int:
 def sft_batch(tokenizer, template: str, triples: list[Triple], device):
     """(x, y_l) → y_w: prompts (x and y_l) left-padded, completions (y_w and the end-of-turn token) right-padded;
     the completion mask is 1 on exactly those tokens."""
-    p_ids, p_mask = encode_prompts(tokenizer, [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples])
-    targets = [torch.tensor(tokenizer(t.y_w, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]) for t in triples]
+    prompts = [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples]
+    p_ids, p_mask = encode_prompts(tokenizer, prompts)
+    eos = [tokenizer.eos_token_id]
+    targets = [torch.tensor(tokenizer(t.y_w, add_special_tokens=False).input_ids + eos) for t in triples]
     c_ids = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
     c_mask = pad_sequence([torch.ones(len(c)) for c in targets], batch_first=True)
     return p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device)
@@ -310,11 +310,8 @@ def sample(model, tokenizer, messages: list[str], n: int, temperature: float, ma
 
 def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """`epochs` seeded permutations of range(n) cut into batches (the last one of an epoch may be short)."""
-    out = []
-    for e in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + e)).tolist()
-        out += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    return out
+    perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + e)).tolist() for e in range(epochs)]
+    return [perm[i:i + batch_size] for perm in perms for i in range(0, n, batch_size)]
 
 
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
@@ -322,20 +319,6 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
-
-
-def judge_scores(name: str, device):
-    """score(xs, ys) of a sequence-classification reward model reading (x, y) as a text pair."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
-
-    @torch.no_grad()
-    def score(xs: list[str], ys: list[str]) -> torch.Tensor:
-        enc = tok(xs, ys, return_tensors="pt", padding=True, truncation=True, max_length=512).to(device)
-        return model(**enc).logits[:, 0].float().cpu()
-    return score
 
 
 @dataclass
@@ -394,7 +377,8 @@ class Pipeline:
         """M_P, frozen and loaded once: --policy-model, or the base chat model M_PIT started from."""
         if self.mp is None:
             acc = self.run.accelerator
-            mp, _ = load_model(self.args.policy_model or self.args.model, device=acc.device, seed=self.args.seed, log=self.run.log)
+            mp, _ = load_model(self.args.policy_model or self.args.model, device=acc.device, seed=self.args.seed,
+                               log=self.run.log)
             self.mp = acc.prepare_model(mp.eval().requires_grad_(False), evaluation_mode=True)
         return self.mp
 
@@ -408,12 +392,13 @@ def main(args: Args) -> dict:
     if args.preferences == "builtin":  # held-out triples are the same for every seed
         train, heldout = builtin_triples(task, task.train, args.seed), builtin_triples(task, task.test, 0)
     else:
-        train, heldout = (hub_triples(args.preferences, split, n, args.seed) for split, n in (("train", args.n_train), ("test", args.n_test)))
+        train, heldout = (hub_triples(args.preferences, split, n, args.seed)
+                          for split, n in (("train", args.n_train), ("test", args.n_test)))
     run.log(f"preferences: {len(train)} training and {len(heldout)} held-out triples ({args.preferences})")
     lm = run.setup_lm(restore=False)  # M_PIT: starts as the base LM
     state = run.restore(lm)  # --resume: weights, optimizer, where the run stands
-    p = Pipeline(args, run, lm, task, train, heldout, {k: state.get(k, d) for k, d in (("completed", []), ("update", 0), ("step", 0))},
-                 state.get("rm_state"))
+    where = {"completed": state.get("completed", []), "update": state.get("update", 0), "step": state.get("step", 0)}
+    p = Pipeline(args, run, lm, task, train, heldout, where, state.get("rm_state"))
     stages = ["sft", "rm", *(f"rl{r}:{src}" for r, src in enumerate(args.curriculum)), f"infer:{len(args.curriculum)}"]
     results = {}
     try:
@@ -465,8 +450,8 @@ def train_sft(p: Pipeline) -> None:
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
-            p.update_done(k, len(batches), {"sft/loss": loss_sum, "sft/grad_norm": grad_norm, "perf/step_s": time.time() - t0,
-                                            "perf/tokens_per_s": n_tok / (time.time() - t0)})
+            p.update_done(k, len(batches), {"sft/loss": loss_sum, "sft/grad_norm": grad_norm,
+                                            "perf/step_s": time.time() - t0, "perf/tokens_per_s": n_tok / (time.time() - t0)})
     p.run.log(f"sft: {len(batches)} updates of {args.batch_size} triples")
 
 
@@ -521,7 +506,10 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
     source, G, B, T, mb = p.stage.split(":")[1], args.group_size, args.rl_batch_size, args.temperature, args.micro_batch_size
     for group in optimizer.param_groups:
         group["lr"] = args.rl_lr
-    sample_policy = lambda xs: sample(p.policy_model(), tok, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts  # noqa: E731
+
+    def sample_policy(xs: list[str]) -> list[str]:  # M_P's answers: the references of a `policy` round
+        return sample(p.policy_model(), tok, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts
+
     for k in tqdm(range(p.pos["update"], args.rl_steps), desc=p.stage, leave=False):
         t0 = time.time()
         torch.manual_seed(seed_of(args.seed, p.stage, k))
@@ -584,14 +572,19 @@ def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
     xs = [t.x for t in p.heldout]
     chain = improve_chain(xs, answers(mp), answers(p.lm.model), args.improve_template, K)
     texts = [[y for y, _ in c] for c in chain]
-    score = lambda ys, refs: rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()  # noqa: E731
+
+    def score(ys: list[str], refs: list[str]) -> torch.Tensor:  # R_PIT(x, y, y_ref) for every x
+        return rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()
+
+
     step_gaps = [score(texts[k + 1], texts[k]).tolist() for k in range(K)]  # R_PIT(x, y^{k+1}, y^k)
     stops = [stop_index([g[i] for g in step_gaps]) for i in range(len(xs))]
-    judge = judge_scores(args.judge_rm, acc.device) if args.judge_rm else None
+    judge = reward_model_judge(args.judge_rm, acc.device) if args.judge_rm else None
     out = {"infer/stopped_frac": sum(s < K for s in stops) / len(xs)}
     for k in range(K + 1):
         gap0 = score(texts[k], texts[0])
-        out |= {f"infer/rm_gap_k{k}": gap0.mean().item(), f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
+        out |= {f"infer/rm_gap_k{k}": gap0.mean().item(),
+                f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
                 f"infer/truncated_k{k}": sum(tr for _, tr in chain[k]) / len(xs)}
         if k:
             out[f"infer/rm_win_k{k}"] = (gap0 > 0).float().mean().item()
@@ -600,7 +593,8 @@ def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
         if p.task is not None:  # exact grades of y^k (and of the stop rule's answer) against y^0
             grade = lambda i, j: quality(p.task, p.heldout[i].problem, *chain[j][i])  # noqa: E731
             q0 = [grade(i, 0) for i in range(len(xs))]
-            for tag, q in (("", [grade(i, k) for i in range(len(xs))]), ("stop_", [grade(i, min(k, s)) for i, s in enumerate(stops)])):
+            stopped = [grade(i, min(k, s)) for i, s in enumerate(stops)]  # the stop rule's answer at budget k
+            for tag, q in (("", [grade(i, k) for i in range(len(xs))]), ("stop_", stopped)):
                 win, lose = win_lose(q, q0)
                 out |= {f"infer/{tag}accuracy_k{k}": sum(x > 0 for x in q) / len(q), f"infer/{tag}win_k{k}": win,
                         f"infer/{tag}wellformed_k{k}": sum(x == 2 for x in q) / len(q), f"infer/{tag}lose_k{k}": lose,

@@ -14,13 +14,16 @@ Two sources, one shape (`Triple`):
   summarize_from_feedback (the post is x; the chosen summary y_w). They need the Hugging Face Hub or
   a local cache and otherwise exit with one line.
 
-Plumbing only: no model is called here.
+`reward_model_judge(name)` loads a standard reward model R(x, y) from the Hub as an independent judge of
+answers where no verifier exists. Plumbing only: nothing here trains a model.
 """
 
 from __future__ import annotations
 
 import random
 import re
+
+import torch
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -181,3 +184,19 @@ def hub_triples(name: str, split: str, n: int, seed: int, max_chars: int = 2000)
         if t is not None and len(t.x) <= max_chars:
             out.append(t)
     return out
+
+
+# ------------------------------------------------------------------------------------ a standard RM as judge
+def reward_model_judge(name: str, device):
+    """score(xs, ys) -> [N] of a standard reward model R(x, y): an HF sequence-classification checkpoint with
+    one logit that reads (x, y) as a text pair (e.g. a DeBERTa RM), a judge independent of the gap RM."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+
+    @torch.no_grad()
+    def score(xs: list[str], ys: list[str]) -> torch.Tensor:
+        enc = tok(xs, ys, return_tensors="pt", padding=True, truncation=True, max_length=512).to(device)
+        return model(**enc).logits[:, 0].float().cpu()
+    return score
