@@ -19,7 +19,7 @@ from the data, then references from the policy model M_P. At inference M_PIT rew
     round 0: y_ref = y_l from D;  round 1: y_ref ~ M_P(·|x), fresh for every batch          (curriculum)
     y^0 ~ M_P(·|x),  y^{k+1} ~ M_PIT(·|x, y^k)                                            (inference)
 
-Choices (the paper leaves them open, §4/§8 of the spec): the RL algorithm is REINFORCE with the KL in
+Choices (the paper leaves them open, spec §4 and §7): the RL algorithm is REINFORCE with the KL in
 the reward (a per-sequence Σ_t log π_θ − log π_SFT on the same (x, y_ref) prompt) and a leave-one-out
 baseline over G answers per (x, y_ref) (RLOO); an answer cut off at --max-new-tokens gets no reward and
 no gradient (`--score-truncated` scores it); R_PIT starts from the SFT model plus a linear head read at
@@ -128,8 +128,8 @@ class Args(LMArgs):  # the experiment flags (--model, --task, --seed, ...) come 
 
     RULES: ClassVar[dict[str, str]] = {
         "temperature": "> 0", "sft_epochs": ">= 0", "batch_size": "> 0", "rm_epochs": ">= 0", "rl_steps": ">= 0",
-        "rl_batch_size": "> 0", "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0", "rl_lr": ">= 0",
-        "ref_temperature": ">= 0", "improve_iterations": ">= 0", "infer_temperature": ">= 0",
+        "rl_batch_size": "> 0", "group_size": ">= 2; the baseline is the mean of the other answers", "beta": ">= 0",
+        "rl_lr": ">= 0", "ref_temperature": ">= 0", "improve_iterations": ">= 0", "infer_temperature": ">= 0",
         "micro_batch_size": "> 0", "max_grad_norm": "> 0", "save_every": ">= 1"}
 
     def check(self) -> None:
@@ -182,10 +182,9 @@ def rloo_advantages(reward: torch.Tensor, valid: torch.Tensor, group_size: int) 
     """A_i = r_i − mean of the other valid answers of its group (REINFORCE leave-one-out); 0 for an
     invalid answer and for a valid one without a valid neighbour."""
     r, v = reward.view(-1, group_size), valid.view(-1, group_size).to(reward.dtype)
-    others = (v.sum(1, keepdim=True) - v).clamp(min=1)
-    baseline = ((r * v).sum(1, keepdim=True) - r * v) / others
-    has_others = (v.sum(1, keepdim=True) - v) > 0
-    return torch.where(has_others & (v > 0), r - baseline, torch.zeros_like(r)).flatten()
+    n_others = v.sum(1, keepdim=True) - v
+    baseline = ((r * v).sum(1, keepdim=True) - r * v) / n_others.clamp(min=1)
+    return torch.where((n_others > 0) & (v > 0), r - baseline, torch.zeros_like(r)).flatten()
 
 
 def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, num_seqs: float) -> torch.Tensor:
@@ -223,8 +222,7 @@ def references(source: str, triples: list[Triple], positions: list[int], sample_
 
 
 def improve_chain(xs: list[str], first, improve, template: str, K: int) -> list[list[tuple[str, bool]]]:
-    """[y^0, y^1, …, y^K] for every x: y^0 = first(xs), y^{k+1} = improve(prompts holding y^k verbatim).
-    `first` and `improve` return one (text, truncated) per prompt."""
+    """[y^0, …, y^K] per x: y^0 = first(xs), y^{k+1} = improve(prompts holding y^k verbatim); both give (text, truncated)."""
     chain = [first(xs)]
     for _ in range(K):
         chain.append(improve([improvement_message(template, x, y) for x, (y, _) in zip(xs, chain[-1])]))
@@ -263,9 +261,8 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_weights(module, path: Path) -> None:
-    weights = load_file(str(path))
-    assert set(weights) <= set(dict(module.named_parameters())), f"{path} holds weights the model lacks"
-    module.load_state_dict(weights, strict=False)
+    unexpected = module.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
+    assert not unexpected, f"{path} holds weights the model lacks: {unexpected[:3]}"
 
 
 def seed_of(seed: int, stage: str, update: int) -> int:
@@ -274,12 +271,10 @@ def seed_of(seed: int, stage: str, update: int) -> int:
 
 
 def sft_batch(tokenizer, template: str, triples: list[Triple], device):
-    """(x, y_l) → y_w: prompts (x and y_l) left-padded, completions (y_w and the end-of-turn token) right-padded;
-    the completion mask is 1 on exactly those tokens."""
+    """(x, y_l) → y_w: prompts (x, y_l) left-padded; completions (y_w, end of turn) right-padded, mask 1 on them."""
     prompts = [chat_prompt(tokenizer, improvement_message(template, t.x, t.y_l)) for t in triples]
     p_ids, p_mask = encode_prompts(tokenizer, prompts)
-    eos = [tokenizer.eos_token_id]
-    targets = [torch.tensor(tokenizer(t.y_w, add_special_tokens=False).input_ids + eos) for t in triples]
+    targets = [torch.tensor(tokenizer(t.y_w, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]) for t in triples]
     c_ids = pad_sequence(targets, batch_first=True, padding_value=tokenizer.pad_token_id)
     c_mask = pad_sequence([torch.ones(len(c)) for c in targets], batch_first=True)
     return p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device)
@@ -302,12 +297,6 @@ def kl_logprobs(model, anchor, ro, temperature: float, micro: int) -> tuple[torc
     return (rollout_logprobs(model, ro, rows, temperature, micro), rollout_logprobs(anchor, ro, rows, temperature, micro))
 
 
-def sample(model, tokenizer, messages: list[str], n: int, temperature: float, max_new_tokens: int, batch: int):
-    prompts = [chat_prompt(tokenizer, m) for m in messages]
-    return generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=max(temperature, 1e-6),
-                    greedy=temperature == 0, batch_size=batch)
-
-
 def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """`epochs` seeded permutations of range(n) cut into batches (the last one of an epoch may be short)."""
     perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1009 + e)).tolist() for e in range(epochs)]
@@ -323,9 +312,8 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
 
 @dataclass
 class Pipeline:
-    """What the stages share: the flags, the run, M_PIT (`lm`), the data, and where the run stands: `pos`
-    holds the finished stages, the updates done in the current one and the logged steps; `rm_state`
-    R_PIT's weights and AdamW state while stage 2 runs (they ride in the checkpoint until it ends)."""
+    """What the stages share. `pos`: the finished stages, the updates done in the current one, the logged steps;
+    `rm_state`: R_PIT's weights and AdamW state while stage 2 runs (they ride in the checkpoint until it ends)."""
 
     args: Args
     run: Run
@@ -334,13 +322,10 @@ class Pipeline:
     train: list[Triple]
     heldout: list[Triple]
     pos: dict
+    models: Path  # sft.safetensors (M_PIT^SFT) and rm.safetensors (R_PIT)
     rm_state: dict | None = None
     stage: str = ""
     mp: Any = None
-
-    @property
-    def models(self) -> Path:
-        return self.run.dir / "models"  # sft.safetensors (M_PIT^SFT) and rm.safetensors (R_PIT)
 
     def log(self, metrics: dict) -> None:
         self.run.logger.log(metrics, self.pos["step"])
@@ -354,6 +339,16 @@ class Pipeline:
         self.log(metrics)
         if self.pos["update"] % self.args.save_every == 0 and self.pos["update"] < total:
             self.checkpoint()
+
+    def score(self, rm, items: list[tuple[str, str, str]]) -> torch.Tensor:
+        """R_PIT(x, y_a, y_b) of every (x, y_a, y_b)."""
+        return rm_scores(rm, self.lm.tokenizer, self.args.rm_template, items, self.args.micro_batch_size, self.run.accelerator)
+
+    def answers(self, model, messages: list[str], n: int, temperature: float):
+        """A Rollout of n answers of `model` to every message (T = 0: greedy), at most --max-new-tokens each."""
+        tok = self.lm.tokenizer
+        return generate(model, tok, [chat_prompt(tok, m) for m in messages], n=n, max_new_tokens=self.args.max_new_tokens,
+                        temperature=max(temperature, 1e-6), greedy=temperature == 0, batch_size=64)
 
     def frozen(self, path: Path | None = None):
         """A frozen copy of the policy (the same structure and precision), with `path`'s weights if given."""
@@ -398,7 +393,7 @@ def main(args: Args) -> dict:
     lm = run.setup_lm(restore=False)  # M_PIT: starts as the base LM
     state = run.restore(lm)  # --resume: weights, optimizer, where the run stands
     where = {"completed": state.get("completed", []), "update": state.get("update", 0), "step": state.get("step", 0)}
-    p = Pipeline(args, run, lm, task, train, heldout, where, state.get("rm_state"))
+    p = Pipeline(args, run, lm, task, train, heldout, where, run.dir / "models", state.get("rm_state"))
     stages = ["sft", "rm", *(f"rl{r}:{src}" for r, src in enumerate(args.curriculum)), f"infer:{len(args.curriculum)}"]
     results = {}
     try:
@@ -452,13 +447,11 @@ def train_sft(p: Pipeline) -> None:
             grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
             p.update_done(k, len(batches), {"sft/loss": loss_sum, "sft/grad_norm": grad_norm,
                                             "perf/step_s": time.time() - t0, "perf/tokens_per_s": n_tok / (time.time() - t0)})
-    p.run.log(f"sft: {len(batches)} updates of {args.batch_size} triples")
 
 
 def train_rm(p: Pipeline, rm: GapRewardModel) -> None:
-    """Stage 2: Eq. 2 over `rm_epochs` of the training triples; the ordering accuracy on held-out triples
-    before and after."""
-    args, acc, tok = p.args, p.run.accelerator, p.lm.tokenizer
+    """Stage 2: Eq. 2 over `rm_epochs` of the training triples; held-out ordering accuracy before and after."""
+    args = p.args
     optimizer = torch.optim.AdamW(trainable(rm).values(), lr=args.lr, weight_decay=0.0)
     if p.rm_state is not None:  # resumed inside the stage
         rm.load_state_dict(p.rm_state["weights"], strict=False)
@@ -467,8 +460,7 @@ def train_rm(p: Pipeline, rm: GapRewardModel) -> None:
     def heldout_accuracy(prefix: str) -> None:
         rm.eval()
         with torch.no_grad():
-            r = rm_scores(rm, tok, args.rm_template, [q for t in p.heldout for q in rm_quadruple(t)],
-                          args.micro_batch_size, acc).view(-1, 4)
+            r = p.score(rm, [q for t in p.heldout for q in rm_quadruple(t)]).view(-1, 4)
         rm.train()
         res = ordering_accuracy(*r.unbind(1))
         p.log({f"rm/{prefix}/{k}": v for k, v in res.items()})
@@ -484,8 +476,7 @@ def train_rm(p: Pipeline, rm: GapRewardModel) -> None:
             loss_sum = 0.0
             for i in range(0, len(batch), per_micro):
                 chunk = batch[i:i + per_micro]
-                r = rm_scores(rm, tok, args.rm_template, [q for t in chunk for q in rm_quadruple(t)], 4 * per_micro,
-                              acc).view(-1, 4)
+                r = p.score(rm, [q for t in chunk for q in rm_quadruple(t)]).view(-1, 4)
                 loss = pit_rm_loss(*r.unbind(1)) * len(chunk) / len(batch)
                 loss.backward()
                 loss_sum += loss.item()
@@ -508,7 +499,7 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
         group["lr"] = args.rl_lr
 
     def sample_policy(xs: list[str]) -> list[str]:  # M_P's answers: the references of a `policy` round
-        return sample(p.policy_model(), tok, xs, 1, args.ref_temperature, args.max_new_tokens, 64).texts
+        return p.answers(p.policy_model(), xs, 1, args.ref_temperature).texts
 
     for k in tqdm(range(p.pos["update"], args.rl_steps), desc=p.stage, leave=False):
         t0 = time.time()
@@ -517,13 +508,12 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
         triples = [p.train[i] for i in stream.take(B)]
         model.eval()
         refs = references(source, triples, list(range(k * B, (k + 1) * B)), sample_policy, args.ref_winners)
-        ro = sample(model, tok, [improvement_message(args.improve_template, t.x, r) for t, r in zip(triples, refs)],
-                    G, T, args.max_new_tokens, 64).to(acc.device)
+        ro = p.answers(model, [improvement_message(args.improve_template, t.x, r) for t, r in zip(triples, refs)], G, T)
         t_gen = time.time() - t0
         pairs = [(t, r) for t, r in zip(triples, refs) for _ in range(G)]  # (triple, y_ref) of every answer
         with torch.no_grad():
-            gap = rm_scores(rm, tok, args.rm_template, [(t.x, y, r) for (t, r), y in zip(pairs, ro.texts)], mb, acc)
-            copy_gap = rm_scores(rm, tok, args.rm_template, [(t.x, r, r) for t, r in zip(triples, refs)], mb, acc)
+            gap = p.score(rm, [(t.x, y, r) for (t, r), y in zip(pairs, ro.texts)])
+            copy_gap = p.score(rm, [(t.x, r, r) for t, r in zip(triples, refs)])
             logp, anchor_logp = kl_logprobs(model, anchor, ro, T, mb)
         reward, kl = pit_reward(gap.to(acc.device), logp, anchor_logp, ro.completion_mask, args.beta)
         valid = torch.ones_like(ro.truncated) if args.score_truncated else ~ro.truncated
@@ -551,7 +541,6 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
                 win, lose = win_lose(q, [quality(p.task, t.problem, r) for t, r in pairs])
                 metrics |= {"train/accuracy": sum(x > 0 for x in q) / len(q), "pit/true_win": win, "pit/true_lose": lose}
             p.update_done(k, args.rl_steps, metrics)
-    p.run.log(f"{p.stage}: {args.rl_steps} updates of {B} × {G} answers")
 
 
 @torch.no_grad()
@@ -565,34 +554,31 @@ def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
 
     def answers(model):
         def fn(messages: list[str]) -> list[tuple[str, bool]]:
-            ro = sample(model, tok, messages, 1, args.infer_temperature, args.max_new_tokens, 64)
+            ro = p.answers(model, messages, 1, args.infer_temperature)
             return list(zip(ro.texts, ro.truncated.tolist()))
         return fn
 
     xs = [t.x for t in p.heldout]
     chain = improve_chain(xs, answers(mp), answers(p.lm.model), args.improve_template, K)
     texts = [[y for y, _ in c] for c in chain]
-
-    def score(ys: list[str], refs: list[str]) -> torch.Tensor:  # R_PIT(x, y, y_ref) for every x
-        return rm_scores(rm, tok, args.rm_template, list(zip(xs, ys, refs)), args.micro_batch_size, acc).cpu()
-
-
-    step_gaps = [score(texts[k + 1], texts[k]).tolist() for k in range(K)]  # R_PIT(x, y^{k+1}, y^k)
+    gap0 = [p.score(rm, list(zip(xs, texts[k], texts[0]))).cpu() for k in range(K + 1)]  # R_PIT(x, y^k, y^0); k = 0: a copy
+    step_gaps = [(gap0[1] if k == 0 else p.score(rm, list(zip(xs, texts[k + 1], texts[k])))).tolist()
+                 for k in range(K)]  # R_PIT(x, y^{k+1}, y^k)
     stops = [stop_index([g[i] for g in step_gaps]) for i in range(len(xs))]
     judge = reward_model_judge(args.judge_rm, acc.device) if args.judge_rm else None
+    judge0 = judge(xs, texts[0]) if judge is not None else None
+    grade = lambda i, j: quality(p.task, p.heldout[i].problem, *chain[j][i])  # noqa: E731  (built-in data)
+    q0 = [grade(i, 0) for i in range(len(xs))] if p.task is not None else None
     out = {"infer/stopped_frac": sum(s < K for s in stops) / len(xs)}
     for k in range(K + 1):
-        gap0 = score(texts[k], texts[0])
-        out |= {f"infer/rm_gap_k{k}": gap0.mean().item(),
+        out |= {f"infer/rm_gap_k{k}": gap0[k].mean().item(),
                 f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),
                 f"infer/truncated_k{k}": sum(tr for _, tr in chain[k]) / len(xs)}
         if k:
-            out[f"infer/rm_win_k{k}"] = (gap0 > 0).float().mean().item()
+            out[f"infer/rm_win_k{k}"] = (gap0[k] > 0).float().mean().item()
         if judge is not None and k:
-            out[f"infer/judge_win_k{k}"] = (judge(xs, texts[k]) > judge(xs, texts[0])).float().mean().item()
+            out[f"infer/judge_win_k{k}"] = (judge(xs, texts[k]) > judge0).float().mean().item()
         if p.task is not None:  # exact grades of y^k (and of the stop rule's answer) against y^0
-            grade = lambda i, j: quality(p.task, p.heldout[i].problem, *chain[j][i])  # noqa: E731
-            q0 = [grade(i, 0) for i in range(len(xs))]
             stopped = [grade(i, min(k, s)) for i, s in enumerate(stops)]  # the stop rule's answer at budget k
             for tag, q in (("", [grade(i, k) for i in range(len(xs))]), ("stop_", stopped)):
                 win, lose = win_lose(q, q0)

@@ -205,13 +205,17 @@ def test_kl_uses_the_same_x_and_y_ref_prompt_for_policy_and_reference(tiny, monk
     seen = []
     real = pit.rollout_logprobs
 
+    from shared.models import chat_prompt
+    from shared.sampling import generate
+
     def spy(m, ro, rows, temperature, micro):
         seen.append((m, ro.prompt_ids.clone(), ro.prompt_mask.clone()))
         return real(m, ro, rows, temperature, micro)
     monkeypatch.setattr(pit, "rollout_logprobs", spy)
     anchor = copy.deepcopy(model)
     torch.manual_seed(0)
-    ro = pit.sample(model, tok, [improvement_message(Args().improve_template, "Solve 1 + 1.", "REF-TEXT")], 2, 1.0, 6, 8)
+    message = improvement_message(Args().improve_template, "Solve 1 + 1.", "REF-TEXT")
+    ro = generate(model, tok, [chat_prompt(tok, message)], n=2, max_new_tokens=6, temperature=1.0)
     logp, anchor_logp = pit.kl_logprobs(model, anchor, ro, 1.0, 8)
     assert [s[0] for s in seen] == [model, anchor]
     assert torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[0][2], seen[1][2])
@@ -362,10 +366,10 @@ def test_rl_rewards_score_each_answer_against_the_reference_in_its_prompt(tmp_pa
     from shared.models import load_model
 
     prompts, scored, refs = [], [], []
-    real_sample, real_scores, real_refs = pit.sample, pit.rm_scores, pit.references
+    real_answers, real_scores, real_refs = pit.Pipeline.answers, pit.rm_scores, pit.references
 
-    def sample(model, tok, messages, n, *a):
-        ro = real_sample(model, tok, messages, n, *a)
+    def answers(self, model, messages, n, temperature):
+        ro = real_answers(self, model, messages, n, temperature)
         prompts.append((model, messages, ro.texts, n))
         return ro
 
@@ -377,7 +381,7 @@ def test_rl_rewards_score_each_answer_against_the_reference_in_its_prompt(tmp_pa
         out = real_refs(source, triples, positions, sample_policy, winners)
         refs.append((source, triples, out))
         return out
-    monkeypatch.setattr(pit, "sample", sample)
+    monkeypatch.setattr(pit.Pipeline, "answers", answers)
     monkeypatch.setattr(pit, "rm_scores", rm_scores)
     monkeypatch.setattr(pit, "references", references)
     result = _main(TINY + ["--improve-iterations", "0", "--output-dir", str(tmp_path)], monkeypatch)
