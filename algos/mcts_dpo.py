@@ -72,6 +72,8 @@ from shared.steps import check_steps, split_steps
 class Args(LMArgs):  # the experiment flags (--model, --task, --lr, ...) come from shared/args.py
     task: str = "multistep"
     """`multistep` (one calculation per line), `gsm8k`, or any task of shared/tasks.py"""
+    n_train: int = 1000
+    """training problems drawn from the task (multistep level 1 has 1691)"""
     max_new_tokens: int = 64
     """token budget of a whole solution (search and held-out evaluation); a node reaching it is terminal"""
     iterations: int = 2
