@@ -369,19 +369,41 @@ def test_smoke_one_round_two_prompts_and_resume_matches_a_straight_run(tmp_path)
     assert [r["step"] for r in _rows(run) if "train/loss" in r] == [1, 2]
 
 
-@pytest.mark.slow
-def test_search_only_prints_one_tree(tmp_path):
-    out = _run(TINY + ["--search-only"], tmp_path)
-    assert "[question]" in out.stdout and "N=" in out.stdout and "policy calls" in out.stdout
-    assert not (_only_run(tmp_path) / "checkpoint").exists()
+SMALL = dict(model="tiny", n_train=8, n_test=2, n_dev=0, prompts_per_iteration=2, max_new_tokens=12, step_tokens=4,
+             simulations=4, root_multiplier=1, batch_size=2)
 
 
-@pytest.mark.slow
-def test_baseline_outcome_dpo_runs(tmp_path):
-    _run(TINY + ["--iterations", "1", "--baseline", "--group-size", "2"], tmp_path)
-    run = _only_run(tmp_path)
+def test_search_only_prints_one_tree(tmp_path, capsys):
+    out = mcts.main(mcts.Args(**SMALL, search_only=True, output_dir=str(tmp_path)))
+    text = capsys.readouterr().out
+    assert "[question]" in text and "N=" in text and "policy calls" in text and "pair after" in text
+    assert out["root"].N == 2 * 4 and not (Path(out["run_dir"]) / "checkpoint").exists()
+
+
+def test_baseline_outcome_dpo_trains_on_a_right_and_a_wrong_answer(tmp_path, monkeypatch):
+    import shared.tasks
+    from shared.verifiers import Verdict
+
+    real_load = shared.tasks.load_task
+
+    def half_right(*a, **k):  # answers whose text has an even length are "right", so groups are mixed
+        task = real_load(*a, **k)
+        task.verify = lambda text, p: Verdict(True, len(text) % 2 == 0, "x")
+        return task
+    monkeypatch.setattr(shared.tasks, "load_task", half_right)
+    real_generate = mcts.generate
+
+    def ending(*a, **k):  # the random tiny model never says EOS: pretend its answers ended
+        ro = real_generate(*a, **k)
+        ro.truncated[:] = False
+        return ro
+    monkeypatch.setattr(mcts, "generate", ending)
+    out = mcts.main(mcts.Args(**SMALL, iterations=1, baseline=True, group_size=8, lr=1e-3, output_dir=str(tmp_path)))
+    run = Path(out["run_dir"])
     assert run.name.startswith("outcome_dpo__multistep__")
-    assert [r for r in _rows(run) if "train/updates" in r][0]["mcts_dpo/tree_nodes"] == 0
+    row = [r for r in _rows(run) if "train/updates" in r][0]
+    assert row["mcts_dpo/tree_nodes"] == 0 and row["mcts_dpo/pairs"] >= 1 and row["mcts_dpo/alpha"] == 0.0
+    assert row["train/updates"] >= 1 and row["train/grad_norm"] > 0
 
 
 @pytest.mark.slow
