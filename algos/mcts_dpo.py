@@ -178,15 +178,9 @@ class Node:
     correct: bool | None = None  # verdict of a terminal node's answer (None: cut off or not terminal)
     children: list["Node"] = field(default_factory=list)
 
-    def path(self) -> list["Node"]:
-        node, out = self, []
-        while node is not None:
-            out.append(node)
-            node = node.parent
-        return out[::-1]
-
     def solution_ids(self) -> list[int]:
-        return [t for n in self.path() for t in n.ids]
+        """The tokens of every step from the root to here."""
+        return (self.parent.solution_ids() if self.parent else []) + self.ids
 
 
 def step_prior(logp_sum: float, length: int, lam: float) -> float:
@@ -533,38 +527,107 @@ def sample_pair(policy: Policy, args) -> tuple[list[dict], dict]:
     return pairs, stats
 
 
-def render(node: Node, committed: set, tok_text: Callable[[str], str] = repr, indent: int = 0) -> list[str]:
-    """The tree as text: one line per node, * on the committed path."""
-    mark = "*" if node in committed else " "
+def render(node: Node, committed: set, indent: int = 0) -> list[str]:
+    """--search-only: the tree as text, one line per node, * on the committed path."""
     end = {True: "  ✓ right", False: "  ✗ wrong", None: "  ✗ cut off"}[node.correct] if node.terminal else ""
-    line = (f"{'  ' * indent}{mark} {tok_text(node.text) if node.parent else '[question]'}  N={node.N} Q={node.Q:+.3f} "
-            f"V={node.V:+.3f} v={node.v:+.3f} r={node.r:+.3f} p={node.prior:.3f} C={node.C:.2f}{end}")
-    return [line] + [x for c in node.children for x in render(c, committed, tok_text, indent + 1)]
+    line = (f"{'  ' * indent}{'*' if node in committed else ' '} {repr(node.text) if node.parent else '[question]'}  "
+            f"N={node.N} Q={node.Q:+.3f} V={node.V:+.3f} v={node.v:+.3f} r={node.r:+.3f} p={node.prior:.3f} C={node.C:.2f}{end}")
+    return [line] + [x for c in node.children for x in render(c, committed, indent + 1)]
+
+
+def show_one_tree(lm, task, args, log) -> dict:
+    """--search-only: search the first training question, print the tree and its pairs."""
+    policy = Policy(lm.policy, lm.tokenizer, task, task.train[0], args)
+    root, decisions, pairs, stats = search_question(policy, args)
+    committed = {d.node for d in decisions} | {decisions[-1].node.children[decisions[-1].chosen]}
+    log(f"question: {task.train[0].prompt}  (gold {task.train[0].answer})\n" + "\n".join(render(root, committed)))
+    for p in pairs:
+        log(f"pair after {p['prefix_text']!r}: chosen {p['texts'][0]!r} (N={p['n_w']}) over "
+            f"rejected {p['texts'][1]!r} (N={p['n_l']}), α={p['alpha']:.3f}")
+    log(f"{stats['nodes']} nodes, {policy.calls} policy calls, final answer {'right' if stats['correct'] else 'wrong'}, "
+        f"{len(pairs)} pairs")
+    return {"root": root, "pairs": pairs, "stats": stats}
+
+
+# ------------------------------------------------------------------------------------ the update
+def tree_batches(n: int, batch_size: int, epochs: int, world: int, seed: int) -> list[list[int]]:
+    """Epoch-wise shuffled batches of tree indices; a short last batch is cut to a multiple of the processes."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n, batch_size):
+            b = order[i:i + batch_size]
+            b = b[:len(b) - len(b) % world]
+            if b:
+                out.append(b)
+    return out
+
+
+def dpo_update(lm, trees: list[dict], n_trees: int, args) -> dict:
+    """One optimizer step on this process's trees; the loss is normalised by the batch's n_trees trees."""
+    acc, world = lm.accelerator, lm.accelerator.num_processes
+    items = [(p, 1.0 / (len(t["pairs"]) * n_trees)) for t in trees for p in t["pairs"]]
+    chunks = [items[i:i + args.micro_batch_size] for i in range(0, len(items), args.micro_batch_size)]
+    sums = {"loss": 0.0, "h": 0.0, "h_pos": 0.0, "alpha": 0.0, "pairs": 0.0}
+    for k, chunk in enumerate(chunks):
+        pairs = [p for p, _ in chunk]
+        with nullcontext() if k == len(chunks) - 1 else acc.no_sync(lm.model):
+            logps = sequence_logps(lm.model, lm.tokenizer, pair_rows(pairs), args.micro_batch_size * 2)
+            dev = logps.device
+            ref_w = torch.tensor([p["ref_w"] for p in pairs], device=dev)
+            ref_l = torch.tensor([p["ref_l"] for p in pairs], device=dev)
+            alpha = torch.tensor([p["alpha"] for p in pairs], device=dev)
+            loss, h = cdpo_loss(logps[:len(pairs)], logps[len(pairs):], ref_w, ref_l, alpha, args.beta)
+            weight = torch.tensor([w for _, w in chunk], device=dev)
+            acc.backward((loss * weight).sum() * world)  # DDP averages over processes; the weights are global
+        for key, value in (("loss", (loss.detach() * weight).sum()), ("h", h.sum()), ("h_pos", (h > 0).sum()),
+                           ("alpha", alpha.sum()), ("pairs", len(pairs))):
+            sums[key] += float(value)
+    if world > 1:  # totals over every process
+        sums = dict(zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "sum").tolist()))
+    sums["grad_norm"] = float(acc.clip_grad_norm_(lm.params, args.max_grad_norm))
+    lm.optimizer.step()
+    lm.scheduler.step()
+    lm.optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def round_metrics(st: dict, n_updates: int, kept: list[dict], round_s: float, args) -> dict:
+    """Means over the round's questions (search) and updates (loss)."""
+    trees, tr = st["trees"], st["train"]
+    mean = lambda key: sum(t["stats"][key] for t in trees) / max(len(trees), 1)  # noqa: E731
+    total = lambda key: sum(t["stats"][key] for t in trees)  # noqa: E731
+    n_pairs = tr.get("pairs", 0.0)
+    return {
+        "train/accuracy": mean("correct"), "train/loss": tr.get("loss", 0.0) / max(n_updates, 1),
+        "train/grad_norm": tr.get("grad_norm", 0.0) / max(n_updates, 1), "train/updates": n_updates,
+        "mcts_dpo/tree_nodes": mean("nodes"), "mcts_dpo/pairs_per_tree": mean("pairs"),
+        "mcts_dpo/pairs": sum(len(t["pairs"]) for t in kept), "mcts_dpo/kept_trees": len(kept),
+        "mcts_dpo/passed_filter": mean("passed_filter"), "mcts_dpo/depth": mean("depth"),
+        "mcts_dpo/policy_calls": mean("calls"), "mcts_dpo/search_s": mean("search_s"),
+        "mcts_dpo/margin": args.beta * tr.get("h", 0.0) / max(n_pairs, 1),
+        "mcts_dpo/pair_accuracy": tr.get("h_pos", 0.0) / max(n_pairs, 1), "mcts_dpo/alpha": tr.get("alpha", 0.0) / max(n_pairs, 1),
+        "mcts_dpo/chosen_step_ok": total("chosen_ok") / max(total("chosen_steps"), 1),
+        "mcts_dpo/rejected_step_ok": total("rejected_ok") / max(total("rejected_steps"), 1),
+        "mcts_dpo/analysed_steps": total("chosen_steps") + total("rejected_steps"),
+        "perf/gen_s": total("search_s"), "perf/update_s": tr.get("update_s", 0.0), "perf/step_s": round_s}
 
 
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
     run = Run("mcts_dpo", args, label="outcome_dpo" if args.baseline else None)  # flags, resume, task, run dir
     args, acc, task, log = run.args, run.accelerator, run.task, run.log
-    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    world, rank = acc.num_processes, acc.process_index
     lm = run.setup_lm(reference=args.fixed_reference, weight_decay=args.weight_decay)
     for group in lm.optimizer.param_groups:
         group["betas"] = ADAM_BETAS
-    model, tokenizer, optimizer = lm.model, lm.tokenizer, lm.optimizer
+    model, tokenizer = lm.model, lm.tokenizer
     st = {"iteration": 0, "searched": 0, "trees": [], "update": 0, "train": {}} | lm.state
 
     if args.search_only:  # teaching: one tree, printed, nothing trained
-        policy = Policy(lm.policy, tokenizer, task, task.train[0], args)
-        root, decisions, pairs, stats = search_question(policy, args)
-        committed = {d.node for d in decisions} | {decisions[-1].node.children[decisions[-1].chosen]}
-        log(f"question: {task.train[0].prompt}  (gold {task.train[0].answer})\n" + "\n".join(render(root, committed)))
-        for p in pairs:
-            log(f"pair after {p['prefix_text']!r}: chosen {p['texts'][0]!r} (N={p['n_w']}) over "
-                f"rejected {p['texts'][1]!r} (N={p['n_l']}), α={p['alpha']:.3f}")
-        log(f"{stats['nodes']} nodes, {policy.calls} policy calls, final answer "
-            f"{'right' if stats['correct'] else 'wrong'}, {len(pairs)} pairs")
+        shown = show_one_tree(lm, task, args, log)
         run.close()
-        return {"run_dir": str(run.dir), "root": root, "pairs": pairs, "stats": stats, "policy": lm.policy}
+        return {"run_dir": str(run.dir), "policy": lm.policy} | shown
 
     fresh = st["iteration"] == 0 and st["searched"] == 0 and st["update"] == 0
     before = run.evaluate(lm, 0, args.max_new_tokens) if fresh else None
@@ -628,70 +691,6 @@ def main(args: Args) -> dict:
         bar.close()
         run.close()
     return run.summary(lm, before, last_eval)
-
-
-def tree_batches(n: int, batch_size: int, epochs: int, world: int, seed: int) -> list[list[int]]:
-    """Epoch-wise shuffled batches of tree indices; a short last batch is cut to a multiple of the processes."""
-    gen, out = torch.Generator().manual_seed(seed), []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n, batch_size):
-            b = order[i:i + batch_size]
-            b = b[:len(b) - len(b) % world]
-            if b:
-                out.append(b)
-    return out
-
-
-def dpo_update(lm, trees: list[dict], n_trees: int, args) -> dict:
-    """One optimizer step on this process's trees; the loss is normalised by the batch's n_trees trees."""
-    acc, world = lm.accelerator, lm.accelerator.num_processes
-    items = [(p, 1.0 / (len(t["pairs"]) * n_trees)) for t in trees for p in t["pairs"]]
-    chunks = [items[i:i + args.micro_batch_size] for i in range(0, len(items), args.micro_batch_size)]
-    sums = {"loss": 0.0, "h": 0.0, "h_pos": 0.0, "alpha": 0.0, "pairs": 0.0}
-    for k, chunk in enumerate(chunks):
-        pairs = [p for p, _ in chunk]
-        with nullcontext() if k == len(chunks) - 1 else acc.no_sync(lm.model):
-            logps = sequence_logps(lm.model, lm.tokenizer, pair_rows(pairs), args.micro_batch_size * 2)
-            dev = logps.device
-            ref_w = torch.tensor([p["ref_w"] for p in pairs], device=dev)
-            ref_l = torch.tensor([p["ref_l"] for p in pairs], device=dev)
-            alpha = torch.tensor([p["alpha"] for p in pairs], device=dev)
-            loss, h = cdpo_loss(logps[:len(pairs)], logps[len(pairs):], ref_w, ref_l, alpha, args.beta)
-            weight = torch.tensor([w for _, w in chunk], device=dev)
-            acc.backward((loss * weight).sum() * world)  # DDP averages over processes; the weights are global
-        sums["loss"] += float((loss.detach() * weight).sum())
-        sums["h"] += float(h.sum())
-        sums["h_pos"] += float((h > 0).sum())
-        sums["alpha"] += float(alpha.sum())
-        sums["pairs"] += len(pairs)
-    sums = {k: float(v) for k, v in zip(sums, acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "sum"))} \
-        if world > 1 else sums
-    sums["grad_norm"] = float(acc.clip_grad_norm_(lm.params, args.max_grad_norm))
-    lm.optimizer.step()
-    lm.scheduler.step()
-    lm.optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-def round_metrics(st: dict, n_updates: int, kept: list[dict], round_s: float, args) -> dict:
-    """Means over the round's questions (search) and updates (loss)."""
-    trees, tr = st["trees"], st["train"]
-    mean = lambda key: sum(t["stats"][key] for t in trees) / max(len(trees), 1)  # noqa: E731
-    total = lambda key: sum(t["stats"][key] for t in trees)  # noqa: E731
-    n_pairs = tr.get("pairs", 0.0)
-    return {
-        "train/accuracy": mean("correct"), "train/loss": tr.get("loss", 0.0) / max(n_updates, 1),
-        "train/grad_norm": tr.get("grad_norm", 0.0) / max(n_updates, 1), "train/updates": n_updates,
-        "mcts_dpo/tree_nodes": mean("nodes"), "mcts_dpo/pairs_per_tree": mean("pairs"),
-        "mcts_dpo/pairs": sum(len(t["pairs"]) for t in kept), "mcts_dpo/kept_trees": len(kept), "mcts_dpo/passed_filter": mean("passed_filter"), "mcts_dpo/depth": mean("depth"),
-        "mcts_dpo/policy_calls": mean("calls"), "mcts_dpo/search_s": mean("search_s"),
-        "mcts_dpo/margin": args.beta * tr.get("h", 0.0) / max(n_pairs, 1),
-        "mcts_dpo/pair_accuracy": tr.get("h_pos", 0.0) / max(n_pairs, 1), "mcts_dpo/alpha": tr.get("alpha", 0.0) / max(n_pairs, 1),
-        "mcts_dpo/chosen_step_ok": total("chosen_ok") / max(total("chosen_steps"), 1),
-        "mcts_dpo/rejected_step_ok": total("rejected_ok") / max(total("rejected_steps"), 1),
-        "mcts_dpo/analysed_steps": total("chosen_steps") + total("rejected_steps"),
-        "perf/gen_s": total("search_s"), "perf/update_s": tr.get("update_s", 0.0), "perf/step_s": round_s}
 
 
 if __name__ == "__main__":
