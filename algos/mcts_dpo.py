@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from shared.args import LMArgs, cli, require
 from shared.logprobs import token_logprobs
@@ -395,6 +396,38 @@ def cut_step(pieces: list[str], is_eos: list[bool]) -> tuple[int, bool]:
     return len(pieces), False
 
 
+class StepEnd(StoppingCriteria):
+    """Stops sampling a row once `cut_step` has decided its step (a line break after some text and
+    one more token that is not whitespace), so a step costs its own length, not --step-tokens."""
+
+    def __init__(self, piece: Callable[[int], str], eos: list[int], start: int):
+        self.piece, self.eos, self.start = piece, eos, start  # a plain function: generate deep-copies criteria
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.start:].tolist():
+            pieces = [self.piece(t) for t in row]
+            n, ends = cut_step(pieces, [t in self.eos for t in row])
+            done.append(ends or (n < len(row) and (row[-1] in self.eos or bool(pieces[-1].strip()))))
+        return torch.tensor(done, device=input_ids.device)
+
+
+@torch.no_grad()
+def sample_steps(model, tokenizer, prompt: list[int], n: int, max_new_tokens: int, temperature: float,
+                 eos: list[int], stop: StoppingCriteria | None = None) -> list[list[int]]:
+    """n continuations of one prompt (token ids), drawn as shared.sampling.generate draws them (plain
+    softmax(logits / T), neutral generation config), each up to its first EOS; `stop` ends rows early."""
+    model = getattr(model, "module", model)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = torch.tensor([prompt] * n, device=model.device)
+    config = sampling_config(eos, tokenizer.pad_token_id, max_new_tokens, temperature, 1.0, greedy=False)
+    with neutral_generation_config(hf):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([stop] if stop else []))
+    rows = out[:, len(prompt):].tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
 class Policy:
     """What the search asks of the model: sample steps, their log-probs, the self-evaluation, and the
     final-answer verdict at terminal nodes (the only outside signal). Counts its model calls."""
@@ -406,6 +439,10 @@ class Policy:
         self.correct_ids = correct_token_ids(tokenizer)
         self.calls = 0
 
+        def piece(t: int) -> str:
+            return tokenizer.decode([t])
+        self.piece = piece
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
@@ -415,19 +452,20 @@ class Policy:
         a, prefix = self.args, node.solution_ids()
         left = a.max_new_tokens - len(prefix)
         finish = a.finish_depth > 0 and node.depth >= a.finish_depth  # one action finishes the solution
-        ro = generate(self.model, self.tok, [self.prompt + prefix], n=a.n_actions if node.parent else a.n_init_actions,
-                      max_new_tokens=left if finish else min(a.step_tokens, left), temperature=a.temperature)
+        context = self.prompt + prefix
+        rows = sample_steps(self.model, self.tok, context, a.n_actions if node.parent else a.n_init_actions,
+                            left if finish else min(a.step_tokens, left), a.temperature, self.eos,
+                            None if finish else StepEnd(self.piece, self.eos, len(context)))
         self.calls += 1
         steps, seen = [], set()
-        for row, mask in zip(ro.completion_ids.tolist(), ro.completion_mask.tolist()):
-            ids = row[:int(sum(mask))]
-            pieces = [self.tok.decode([t]) for t in ids]
+        for ids in rows:
+            pieces = [self.piece(t) for t in ids]
             n, ends = (len(ids), bool(ids) and ids[-1] in self.eos) if finish else cut_step(pieces, [t in self.eos for t in ids])
             key = (self.decode(ids[:n]).strip(), ends)
             if key not in seen and len(steps) < a.breadth_limit:
                 seen.add(key)
                 steps.append((ids[:n], ends))
-        logp = sequence_logps(self.model, self.tok, [(self.prompt + prefix, ids, 0) for ids, _ in steps], len(steps))
+        logp = sequence_logps(self.model, self.tok, [(context, ids, 0) for ids, _ in steps], len(steps))
         solutions = [self.decode(prefix + ids) for ids, _ in steps]
         C = self.judge(solutions)
         self.calls += 2

@@ -21,7 +21,6 @@ from algos.mcts_dpo import (Args, Node, add_child, backup, candidate, cdpo_alpha
                             confidence, cut_step, divergence, node_score, outcome, pair_rows, puct, search_question,
                             sequence_logps, simulate, step_prior, tree_batches, tree_search)
 from shared.models import build_tiny_model, build_tiny_tokenizer
-from shared.sampling import Rollout
 from shared.tasks import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,27 +236,33 @@ def test_cut_step_at_the_first_line_break_after_text():
     assert cut_step(p, eos(p)) == (3, False)  # no line break: the whole sample
 
 
-def _fake_generate(rows_fn):
-    """`generate` returning fixed token rows (cut to max_new_tokens; EOS ends a row)."""
-    def fake(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, **_):
+def test_sampling_stops_once_the_step_is_decided():
+    tok = build_tiny_tokenizer()
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    eos = tok.eos_token_id
+    stop = mcts.StepEnd(lambda t: tok.decode([t]), [eos], start=2)
+    rows = {"ab\nc": True, "ab\n ": False, "\n\nab": False, "ab": False}
+    for text, decided in rows.items():  # one token after the line break decides the step
+        assert stop(torch.tensor([[7, 7] + enc(text)]), None).tolist() == [decided], text
+    assert stop(torch.tensor([[7, 7] + enc("abc") + [eos], [7, 7] + enc("ab\n") + [eos]]), None).tolist() == [True, True]
+    model = build_tiny_model(0, tok)
+    torch.manual_seed(0)
+    out = mcts.sample_steps(model, tok, enc("Q: 1 + 2?"), 3, 5, 1.0, [eos], mcts.StepEnd(stop.piece, [eos], 9))
+    assert len(out) == 3 and all(1 <= len(r) <= 5 for r in out)
+
+
+def _fake_sampler(rows_fn):
+    """`sample_steps` returning fixed token rows (cut to max_new_tokens, then after the first EOS)."""
+    def fake(model, tok, prompt, n, max_new_tokens, temperature, eos, stop=None):
         rows = [r[:max_new_tokens] for r in rows_fn(n)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id)
-        mask = torch.zeros(len(rows), width)
-        trunc = []
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-            trunc.append(tok.eos_token_id not in r)
-        texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
-        return Rollout(ids.new_zeros(len(rows), 1), ids.new_ones(len(rows), 1), ids, mask, texts, torch.tensor(trunc),
-                       tok.pad_token_id)
+        return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
     return fake
 
 
 def _policy(monkeypatch, rows_fn, **kw):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(0, tok)
-    monkeypatch.setattr(mcts, "generate", _fake_generate(rows_fn))
+    monkeypatch.setattr(mcts, "sample_steps", _fake_sampler(rows_fn))
     from shared.tasks import load_task
     task = load_task("multistep", n_train=2, n_test=1)
     args = Args(**{"simulations": 4, "root_multiplier": 1, "max_new_tokens": 24, "step_tokens": 16, **kw})
