@@ -521,14 +521,19 @@ def search_question(policy: Policy, args) -> tuple[Node, list[Decision], list[di
                           alpha=cdpo_alpha(d.stats[w]["N"], d.stats[l]["N"], args.alpha_cap) if args.conservative else 0.0,
                           prefix_text=policy.decode(d.node.solution_ids()), texts=(chosen[0].text, rejected[0].text)))
         last_ok = chosen[-1].terminal and bool(chosen[-1].correct)  # --filter looks at the last decision point
-    nodes = count_nodes(root)
-    stats = {"correct": float(bool(leaf.correct)), "nodes": nodes, "pairs": len(pairs), "depth": leaf.depth,
-             "passed_filter": float(last_ok), **step_analysis(pairs, policy.problem)}
+    nodes = list(walk(root))
+    ends = [(n.C, bool(n.correct)) for n in nodes if n.terminal]
+    stats = {"correct": float(bool(leaf.correct)), "nodes": len(nodes), "pairs": len(pairs), "depth": leaf.depth,
+             "passed_filter": float(last_ok), "right_ends": sum(r for _, r in ends), "wrong_ends": sum(not r for _, r in ends),
+             "C_right": sum(c for c, r in ends if r), "C_wrong": sum(c for c, r in ends if not r),  # is C informative?
+             **step_analysis(pairs, policy.problem)}
     return root, decisions, pairs, stats
 
 
-def count_nodes(node: Node) -> int:
-    return 1 + sum(count_nodes(c) for c in node.children)
+def walk(node: Node):
+    yield node
+    for c in node.children:
+        yield from walk(c)
 
 
 def step_analysis(pairs: list[dict], problem) -> dict:
@@ -561,6 +566,7 @@ def sample_pair(policy: Policy, args) -> tuple[list[dict], dict]:
         pairs.append(dict(prompt=policy.prompt, chosen=answers[w], rejected=answers[l], n_w=0, n_l=0, alpha=0.0,
                           prefix_text="", texts=(ro.texts[w], ro.texts[l])))
     stats = {"correct": sum(ok) / len(ok), "nodes": 0, "pairs": len(pairs), "depth": 0, "passed_filter": 1.0,
+             "right_ends": sum(ok), "wrong_ends": len(ok) - sum(ok), "C_right": 0.0, "C_wrong": 0.0,
              **step_analysis(pairs, policy.problem)}
     return pairs, stats
 
@@ -648,6 +654,9 @@ def round_metrics(st: dict, n_updates: int, kept: list[dict], round_s: float, ar
         "mcts_dpo/chosen_step_ok": total("chosen_ok") / max(total("chosen_steps"), 1),
         "mcts_dpo/rejected_step_ok": total("rejected_ok") / max(total("rejected_steps"), 1),
         "mcts_dpo/analysed_steps": total("chosen_steps") + total("rejected_steps"),
+        "mcts_dpo/right_ends": total("right_ends"), "mcts_dpo/wrong_ends": total("wrong_ends"),
+        "mcts_dpo/C_right": total("C_right") / max(total("right_ends"), 1),
+        "mcts_dpo/C_wrong": total("C_wrong") / max(total("wrong_ends"), 1),
         "perf/gen_s": total("search_s"), "perf/update_s": tr.get("update_s", 0.0), "perf/step_s": round_s}
 
 

@@ -22,10 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {  # flags shared by both runs
-    "cpu": ["--task", "multistep", "--level", "1", "--iterations", "2", "--prompts-per-iteration", "16",
-            "--n-test", "200", "--max-new-tokens", "96", "--batch-size", "2", "--epochs", "2", "--lr", "2e-5"],
-    "gpu": ["--task", "multistep", "--level", "1", "--iterations", "3", "--prompts-per-iteration", "128",
-            "--n-test", "500", "--max-new-tokens", "96", "--batch-size", "8", "--epochs", "2", "--lr", "2e-5"],
+    "cpu": ["--task", "multistep", "--level", "1", "--iterations", "2", "--prompts-per-iteration", "24",
+            "--n-test", "200", "--n-dev", "0", "--max-new-tokens", "64", "--temperature", "0.7", "--batch-size", "2",
+            "--epochs", "2", "--lr", "3e-5"],
+    "gpu": ["--task", "multistep", "--level", "1", "--iterations", "3", "--prompts-per-iteration", "256",
+            "--n-test", "500", "--n-dev", "0", "--max-new-tokens", "64", "--temperature", "0.7", "--batch-size", "8",
+            "--epochs", "2", "--lr", "3e-5"],
 }
 
 
@@ -88,13 +90,16 @@ def main() -> None:
                      f"{mean(rounds, 'mcts_dpo/kept_trees'):.1f} | {mean(rounds, 'mcts_dpo/policy_calls'):.1f} | "
                      f"{mean(rounds, 'mcts_dpo/search_s'):.1f} | {chosen:.2f} | {rejected:.2f} | {m['wall_s'] / 60:.1f} min |")
     lines += ["", "Per round (train accuracy = the committed answer of the tree, or the share of right samples for "
-              "the baseline; margin = mean βh over the pairs trained on):", "",
-              "| method | round | train accuracy | tree nodes | pairs | kept trees | updates | loss | margin | pair accuracy |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "the baseline; ends = terminal nodes of the trees, or sampled answers; C = self-evaluation; "
+              "margin = mean βh over the pairs trained on):", "",
+              "| method | round | train accuracy | tree nodes | right / wrong ends | C at right / wrong ends | pairs "
+              "| kept trees | updates | loss | margin | pair accuracy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, m in results["methods"].items():
         for r in m["rounds"]:
             lines.append(f"| {label} | {r['step']} | {r['train/accuracy']:.3f} | {r['mcts_dpo/tree_nodes']:.1f} | "
-                         f"{r['mcts_dpo/pairs']:.0f} | {r['mcts_dpo/kept_trees']:.0f} | {r['train/updates']:.0f} | "
+                         f"{r['mcts_dpo/right_ends']:.0f} / {r['mcts_dpo/wrong_ends']:.0f} | "
+                         f"{r['mcts_dpo/C_right']:.3f} / {r['mcts_dpo/C_wrong']:.3f} | {r['mcts_dpo/pairs']:.0f} | {r['mcts_dpo/kept_trees']:.0f} | {r['train/updates']:.0f} | "
                          f"{r['train/loss']:.4f} | {r['mcts_dpo/margin']:.4f} | {r['mcts_dpo/pair_accuracy']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
