@@ -346,6 +346,24 @@ def test_filter_on_the_tiny_model_makes_no_update(tmp_path):
     assert state["optimizer"]["state"] == {}  # zero optimizer contributions
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_the_reference_is_the_previous_rounds_policy_unless_fixed(tmp_path, monkeypatch, fixed):
+    margins = []
+    real = mcts.cdpo_loss
+
+    def spy(*a, **k):
+        loss, h = real(*a, **k)
+        margins.append(h.abs().max().item())
+        return loss, h
+    monkeypatch.setattr(mcts, "cdpo_loss", spy)
+    mcts.main(mcts.Args(model="tiny", n_train=8, n_test=2, n_dev=0, prompts_per_iteration=2, iterations=2, max_new_tokens=8,
+                        step_tokens=4, simulations=2, root_multiplier=1, batch_size=2, filter=False, conservative=False,
+                        lr=1e-2, fixed_reference=fixed, output_dir=str(tmp_path)))
+    assert len(margins) == 2  # one update per round
+    assert margins[0] < 1e-4  # round 1: π_θ = π_ref = the initial policy
+    assert (margins[1] > 1e-2) if fixed else (margins[1] < 1e-4)  # round 2: π_ref = π_1 (paper) or π_0 (code)
+
+
 @pytest.mark.slow
 def test_smoke_one_round_two_prompts_and_resume_matches_a_straight_run(tmp_path):
     from safetensors.torch import load_file
