@@ -1,6 +1,6 @@
 """MCTS-DPO vs plain outcome-level DPO on the step-by-step problems, same rounds, questions and optimiser.
 
-    flock /tmp/cpu.lock python scripts/mcts_dpo_benchmark.py            # CPU budget (~20 min on 2 cores)
+    flock /tmp/cpu.lock python scripts/mcts_dpo_benchmark.py            # CPU budget (≤ 15 min on 2 cores)
     python scripts/mcts_dpo_benchmark.py --preset gpu --out docs/mcts_dpo/gpu
 
 Runs `algos/mcts_dpo.py` twice (step-level MCTS-DPO, then `--baseline`: outcome-level DPO on sampled
@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {  # flags shared by both runs
-    "cpu": ["--task", "multistep", "--level", "1", "--iterations", "2", "--prompts-per-iteration", "24",
-            "--n-test", "200", "--n-dev", "0", "--max-new-tokens", "64", "--temperature", "0.7", "--batch-size", "2",
+    "cpu": ["--task", "multistep", "--level", "1", "--iterations", "2", "--prompts-per-iteration", "16",
+            "--n-test", "100", "--n-dev", "0", "--max-new-tokens", "64", "--temperature", "0.7", "--batch-size", "2",
             "--epochs", "2", "--lr", "3e-5"],
     "gpu": ["--task", "multistep", "--level", "1", "--iterations", "3", "--prompts-per-iteration", "256",
             "--n-test", "500", "--n-dev", "0", "--max-new-tokens", "64", "--temperature", "0.7", "--batch-size", "8",
