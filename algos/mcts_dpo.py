@@ -1,8 +1,8 @@
 """MCTS-DPO — step-level Monte Carlo tree search with self-evaluation, then iterative step-level DPO.
 
 Paper: Xie et al., "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning",
-arXiv:2405.00451. Spec: shared/papers/mcts_dpo.md (§ below); official code YuxiXie/MCTS-DPO. The
-paper's body was not readable here, so equations are cited by the spec's sections, not by number.
+arXiv:2405.00451; official code YuxiXie/MCTS-DPO. The paper's body was not readable here, so the
+equations cite the sections (§) of the spec shared/papers/mcts_dpo.md, not equation numbers.
 
 Idea: the policy searches its own solutions one step (one line) at a time with AlphaZero-style PUCT.
 Every new node is scored once by the policy itself ("is this step correct?", probability C of the
@@ -24,23 +24,20 @@ improved policy as the new searcher and reference.
     α      = min(N_l / (max(1, N_w) + N_l), 0.5)                                         §2 (cDPO)
     L      = −(1 − α) log σ(βh) − α log σ(−βh),  averaged over a tree's pairs, then trees  §2
 
-Choices (the spec's [code] items are flags; where the paper and the code differ the paper is the
-default): rounds of (search every prompt with π_{i−1} → DPO on the new pairs), the reference reset
-to π_{i−1} each round (paper; `--fixed-reference` keeps the code's π_ref = the initial policy); the
-self-evaluation prompt does not show the gold solution (`--eval-hint` shows it, as the code does);
-the node score is the paper's C + O (`--code-score`: the code's depth penalty C / max(d_u − 3, 1) and
-1.25 for a correct answer that is not a prefix of the gold solution). A judgement with no A/B token
-(C = 0) inherits the parent's score in both modes (code; the paper is silent). A step is one line of
-the answer (the code cuts at lines/sentences); from `--finish-depth` one action finishes the solution
-(the code's force_terminating_on_depth_limit); a solution cut off at --max-new-tokens is a wrong
-answer (O = −1, the project's rule; the code adds no O term: `--no-truncated-wrong`). The policy sees
-the task's chat prompt, not the paper's "QUESTION: … ANSWER:". Left out: gold steps injected as
-candidates (include_gt), near-duplicate removal by embeddings (exact duplicates are removed),
-choose_random (with ≤ 2 children it equals choose_worst), the cosine schedule and KL term.
-The search sees only the final-answer verifier at terminal nodes; `shared.steps.check_steps` is used
-for analysis only (the share of chosen and rejected steps that are arithmetically right).
-`--baseline`: plain outcome-level DPO on sampled pairs (a right and a wrong full answer, α = 0), the
-comparison the issue asks for, with the same rounds, prompts and optimiser.
+Choices (the spec's [code] items are flags; where paper and code differ the paper is the default):
+rounds of (search every prompt with π_{i−1} → DPO on the new pairs) with π_ref = π_{i−1} (paper;
+`--fixed-reference`: the code's π_ref = the initial policy); the self-evaluation prompt hides the gold
+solution (`--eval-hint` shows it, as the code does); v = C + O (`--code-score`: the code's
+C / max(d_u − 3, 1), and O = 1.25 for a right answer that is not a prefix of the gold solution); a
+judgement with no A/B token (C = 0) inherits v(u) (code; the paper is silent). A step is one line (the
+code cuts at lines/sentences); from `--finish-depth` one action finishes the solution (the code's
+force_terminating_on_depth_limit); a solution cut off at --max-new-tokens is wrong (O = −1, the
+project's rule; `--no-truncated-wrong`: no O term, as the code). The policy sees the task's chat
+prompt, not "QUESTION: … ANSWER:". Left out: gold steps as candidates (include_gt), near-duplicates by
+embeddings (exact duplicates are removed), choose_random (= choose_worst with ≤ 2 children), the
+cosine schedule and the KL term. The search sees only the final-answer verifier; `check_steps` serves
+analysis only (are the chosen / rejected steps arithmetically right?). `--baseline`: plain
+outcome-level DPO on sampled pairs (one right vs one wrong full answer, α = 0), same rounds and optimiser.
 """
 
 import sys
@@ -56,8 +53,8 @@ from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from shared.args import LMArgs, cli, require
@@ -204,9 +201,7 @@ def outcome(correct: bool, ended: bool, truncated_wrong: bool = True, novel: boo
     wrong; a solution cut off by the token budget (ended = False) is wrong, or has no O term (None)."""
     if not ended:
         return -1.0 if truncated_wrong else None
-    if correct:
-        return 1.25 if code_score and novel else 1.0
-    return -1.0
+    return (1.25 if code_score and novel else 1.0) if correct else -1.0
 
 
 def puct(Q: float, prior: float, parent_N: int, N: int, w: float) -> float:
@@ -321,10 +316,7 @@ def cdpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l
 
 def divergence(a: list[int], b: list[int]) -> int:
     """Index of the first token where a and b differ (the shared prefix's terms cancel in h, §8.8)."""
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def sequence_logps(model, tokenizer, rows: list[tuple[list[int], list[int], int]], micro_batch_size: int) -> torch.Tensor:
@@ -334,13 +326,10 @@ def sequence_logps(model, tokenizer, rows: list[tuple[list[int], list[int], int]
     for i in range(0, len(rows), micro_batch_size):
         chunk = rows[i:i + micro_batch_size]
         p_ids, p_mask = encode_prompts(tokenizer, [r[0] for r in chunk])
-        width = max(len(r[1]) for r in chunk)
-        c_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        c_mask, keep = torch.zeros(len(chunk), width), torch.zeros(len(chunk), width)
-        for j, (_, comp, start) in enumerate(chunk):
-            c_ids[j, :len(comp)] = torch.tensor(comp)
-            c_mask[j, :len(comp)] = 1
-            keep[j, start:len(comp)] = 1
+        c_ids = pad_sequence([torch.tensor(r[1], dtype=torch.long) for r in chunk], True, tokenizer.pad_token_id)
+        pos = torch.arange(c_ids.shape[1])
+        c_mask = (pos < torch.tensor([len(r[1]) for r in chunk])[:, None]).float()
+        keep = c_mask * (pos >= torch.tensor([r[2] for r in chunk])[:, None])
         logp = token_logprobs(model, p_ids.to(device), p_mask.to(device), c_ids.to(device), c_mask.to(device))
         out.append((logp * keep.to(device)).sum(1))
     return torch.cat(out)
@@ -353,8 +342,7 @@ def pair_rows(pairs: list[dict]) -> list[tuple[list[int], list[int], int]]:
 
 
 # ------------------------------------------------------------------------------------ the policy's side
-TRIGGERS = ("A", "B", "correct", "wrong", "incorrect")  # spec §5
-LATE_TRIGGERS = ("Cor", "In")
+TRIGGERS = ("A", "B", "correct", "wrong", "incorrect")  # spec §5; a second pass adds "Cor", "In"
 EVAL_PROMPT = ("QUESTION:{question}\n\n{hint}PROPOSED SOLUTION:\n{solution}\n\n"
                "QUESTION: Evaluate if the proposed solution is logically heading in the correct direction{based}.\n"
                "Answer Choices:\n(A) incorrect\n(B) correct")  # spec §5; the assistant's turn starts "The answer is"
@@ -364,7 +352,7 @@ def confidence(pieces: list[str], probs: torch.Tensor, correct_ids: list[int]) -
     """C: at the first generated token whose stripped text is A/B/correct/wrong/incorrect, the summed
     probability of the "correct" tokens; if that is 0, a second pass also accepts Cor/In; else 0 (§5).
     pieces: the decoded greedy tokens; probs [T, V]: the distributions they were picked from."""
-    for triggers in (TRIGGERS, TRIGGERS + LATE_TRIGGERS):
+    for triggers in (TRIGGERS, TRIGGERS + ("Cor", "In")):
         t = next((i for i, p in enumerate(pieces) if p.strip() in triggers), None)
         if t is not None and (c := float(probs[t, correct_ids].sum())) > 0:
             return c
@@ -413,18 +401,22 @@ class StepEnd(StoppingCriteria):
 
 
 @torch.no_grad()
-def sample_steps(model, tokenizer, prompt: list[int], n: int, max_new_tokens: int, temperature: float,
-                 eos: list[int], stop: StoppingCriteria | None = None) -> list[list[int]]:
-    """n continuations of one prompt (token ids), drawn as shared.sampling.generate draws them (plain
-    softmax(logits / T), neutral generation config), each up to its first EOS; `stop` ends rows early."""
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, config, stop: StoppingCriteria | None = None):
+    """`model.generate` as shared.sampling.generate calls it: unwrapped from DDP, under a neutral
+    generation config, so only `config` (plain softmax(logits / T) or greedy) decides the tokens."""
     model = getattr(model, "module", model)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ids = torch.tensor([prompt] * n, device=model.device)
-    config = sampling_config(eos, tokenizer.pad_token_id, max_new_tokens, temperature, 1.0, greedy=False)
     with neutral_generation_config(hf):
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                             stopping_criteria=StoppingCriteriaList([stop] if stop else []))
-    rows = out[:, len(prompt):].tolist()
+        return model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config,
+                              stopping_criteria=StoppingCriteriaList([stop] if stop else []))
+
+
+def sample_steps(model, tokenizer, prompt: list[int], n: int, max_new_tokens: int, temperature: float,
+                 eos: list[int], stop: StoppingCriteria | None = None) -> list[list[int]]:
+    """n sampled continuations of one prompt (token ids), each up to its first EOS; `stop` ends rows early."""
+    ids = torch.tensor([prompt] * n)
+    config = sampling_config(eos, tokenizer.pad_token_id, max_new_tokens, temperature, 1.0, greedy=False)
+    rows = hf_generate(model, ids, torch.ones_like(ids), config, stop)[:, len(prompt):].tolist()
     return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
@@ -438,10 +430,7 @@ class Policy:
         self.eos = eos_token_ids(model, tokenizer)
         self.correct_ids = correct_token_ids(tokenizer)
         self.calls = 0
-
-        def piece(t: int) -> str:
-            return tokenizer.decode([t])
-        self.piece = piece
+        self.piece = lambda t: tokenizer.decode([t])  # one token's text (a plain function: StepEnd gets deep-copied)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -450,17 +439,15 @@ class Policy:
         """Sample n_actions steps (n_init_actions at the absolute root), drop duplicates, keep ≤
         breadth_limit, and score each new child once (§2–§3)."""
         a, prefix = self.args, node.solution_ids()
-        left = a.max_new_tokens - len(prefix)
+        context, left = self.prompt + prefix, a.max_new_tokens - len(prefix)
         finish = a.finish_depth > 0 and node.depth >= a.finish_depth  # one action finishes the solution
-        context = self.prompt + prefix
         rows = sample_steps(self.model, self.tok, context, a.n_actions if node.parent else a.n_init_actions,
                             left if finish else min(a.step_tokens, left), a.temperature, self.eos,
                             None if finish else StepEnd(self.piece, self.eos, len(context)))
-        self.calls += 1
         steps, seen = [], set()
         for ids in rows:
-            pieces = [self.piece(t) for t in ids]
-            n, ends = (len(ids), bool(ids) and ids[-1] in self.eos) if finish else cut_step(pieces, [t in self.eos for t in ids])
+            n, ends = ((len(ids), bool(ids) and ids[-1] in self.eos) if finish
+                       else cut_step([self.piece(t) for t in ids], [t in self.eos for t in ids]))
             key = (self.decode(ids[:n]).strip(), ends)
             if key not in seen and len(steps) < a.breadth_limit:
                 seen.add(key)
@@ -468,17 +455,14 @@ class Policy:
         logp = sequence_logps(self.model, self.tok, [(context, ids, 0) for ids, _ in steps], len(steps))
         solutions = [self.decode(prefix + ids) for ids, _ in steps]
         C = self.judge(solutions)
-        self.calls += 2
+        self.calls += 3  # sampling, prior log-probs, self-evaluation
+        gold = self.problem.meta.get("solution", "")
         for (ids, ends), lp, c, sol in zip(steps, logp.tolist(), C, solutions):
             terminal = ends or len(prefix) + len(ids) >= a.max_new_tokens
             correct = self.task.verify(sol, self.problem).correct if ends else None
-            O = None
-            if terminal:
-                gold = self.problem.meta.get("solution", "")
-                O = outcome(bool(correct), ends, a.truncated_wrong, not gold.startswith(sol.strip()), a.code_score)
-            child = Node(ids=ids, text=self.decode(ids), prior=step_prior(lp, len(ids), a.lam), C=c, terminal=terminal,
-                         correct=correct, v=node_score(c, node.v, node.depth, O, a.code_score))
-            add_child(node, child)
+            O = outcome(bool(correct), ends, a.truncated_wrong, not gold.startswith(sol.strip()), a.code_score) if terminal else None
+            add_child(node, Node(ids=ids, text=self.decode(ids), prior=step_prior(lp, len(ids), a.lam), C=c, terminal=terminal,
+                                 correct=correct, v=node_score(c, node.v, node.depth, O, a.code_score)))
 
     @torch.no_grad()
     def judge(self, solutions: list[str]) -> list[float]:
@@ -490,19 +474,15 @@ class Policy:
             if "answer is" not in (gold.splitlines() or [""])[-1]:
                 gold += f"\nThe answer is {self.problem.answer}"
             hint, based = f"EXAMPLE ANSWER:\n{gold}\n\n", " based on the example answer"
-        prompts = [self.tok(chat_prompt(self.tok, EVAL_PROMPT.format(question=self.problem.prompt, hint=hint, solution=s,
-                                                                      based=based), self.task.system_prompt)
-                            + "The answer is", add_special_tokens=False).input_ids for s in solutions]
-        ids, mask = encode_prompts(self.tok, prompts)
-        model = getattr(self.model, "module", self.model)
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        texts = [chat_prompt(self.tok, EVAL_PROMPT.format(question=self.problem.prompt, hint=hint, solution=s, based=based),
+                             self.task.system_prompt) + "The answer is" for s in solutions]
+        ids, mask = encode_prompts(self.tok, [self.tok(t, add_special_tokens=False).input_ids for t in texts])
         config = sampling_config(self.eos, self.tok.pad_token_id, 4, 1.0, 1.0, greedy=True)
         config.update(output_logits=True, return_dict_in_generate=True)
-        with neutral_generation_config(hf):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
+        out = hf_generate(self.model, ids, mask, config)
         probs = torch.stack(out.logits, 1).float().softmax(-1).cpu()  # [B, T, V]
         new = out.sequences[:, ids.shape[1]:].tolist()
-        return [confidence([self.tok.decode([t]) for t in row], probs[b], self.correct_ids) for b, row in enumerate(new)]
+        return [confidence([self.piece(t) for t in row], probs[b], self.correct_ids) for b, row in enumerate(new)]
 
 
 # ------------------------------------------------------------------------------------ one question
@@ -522,11 +502,11 @@ def search_question(policy: Policy, args) -> tuple[Node, list[Decision], list[di
                           prefix_text=policy.decode(d.node.solution_ids()), texts=(chosen[0].text, rejected[0].text)))
         last_ok = chosen[-1].terminal and bool(chosen[-1].correct)  # --filter looks at the last decision point
     nodes = list(walk(root))
-    ends = [(n.C, bool(n.correct)) for n in nodes if n.terminal]
-    stats = {"correct": float(bool(leaf.correct)), "nodes": len(nodes), "pairs": len(pairs), "depth": leaf.depth,
-             "passed_filter": float(last_ok), "right_ends": sum(r for _, r in ends), "wrong_ends": sum(not r for _, r in ends),
-             "C_right": sum(c for c, r in ends if r), "C_wrong": sum(c for c, r in ends if not r),  # is C informative?
-             **step_analysis(pairs, policy.problem)}
+    ends = [(n.C, bool(n.correct)) for n in nodes if n.terminal]  # C at right and wrong ends: is C informative?
+    stats = {"correct": float(bool(leaf.correct)), "tree_nodes": len(nodes), "pairs_per_tree": len(pairs),
+             "depth": leaf.depth, "passed_filter": float(last_ok), "right_ends": sum(r for _, r in ends),
+             "wrong_ends": sum(not r for _, r in ends), "C_right": sum(c for c, r in ends if r),
+             "C_wrong": sum(c for c, r in ends if not r), **step_analysis(pairs, policy.problem)}
     return root, decisions, pairs, stats
 
 
@@ -565,9 +545,8 @@ def sample_pair(policy: Policy, args) -> tuple[list[dict], dict]:
         w, l = ok.index(True), ok.index(False)
         pairs.append(dict(prompt=policy.prompt, chosen=answers[w], rejected=answers[l], n_w=0, n_l=0, alpha=0.0,
                           prefix_text="", texts=(ro.texts[w], ro.texts[l])))
-    stats = {"correct": sum(ok) / len(ok), "nodes": 0, "pairs": len(pairs), "depth": 0, "passed_filter": 1.0,
-             "right_ends": sum(ok), "wrong_ends": len(ok) - sum(ok), "C_right": 0.0, "C_wrong": 0.0,
-             **step_analysis(pairs, policy.problem)}
+    stats = {"correct": sum(ok) / len(ok), "pairs_per_tree": len(pairs), "passed_filter": 1.0, "right_ends": sum(ok),
+             "wrong_ends": len(ok) - sum(ok), **step_analysis(pairs, policy.problem)}  # no tree: its statistics are 0
     return pairs, stats
 
 
@@ -588,7 +567,7 @@ def show_one_tree(lm, task, args, log) -> dict:
     for p in pairs:
         log(f"pair after {p['prefix_text']!r}: chosen {p['texts'][0]!r} (N={p['n_w']}) over "
             f"rejected {p['texts'][1]!r} (N={p['n_l']}), α={p['alpha']:.3f}")
-    log(f"{stats['nodes']} nodes, {policy.calls} policy calls, final answer {'right' if stats['correct'] else 'wrong'}, "
+    log(f"{stats['tree_nodes']} nodes, {policy.calls} policy calls, final answer {'right' if stats['correct'] else 'wrong'}, "
         f"{len(pairs)} pairs")
     return {"root": root, "pairs": pairs, "stats": stats}
 
@@ -637,27 +616,25 @@ def dpo_update(lm, trees: list[dict], n_trees: int, args) -> dict:
 
 
 def round_metrics(st: dict, n_updates: int, kept: list[dict], round_s: float, args) -> dict:
-    """Means over the round's questions (search) and updates (loss)."""
-    trees, tr = st["trees"], st["train"]
-    mean = lambda key: sum(t["stats"][key] for t in trees) / max(len(trees), 1)  # noqa: E731
-    total = lambda key: sum(t["stats"][key] for t in trees)  # noqa: E731
+    """Per question means of the search, per update means of the loss, per pair means of h and α."""
+    total = lambda key: sum(t["stats"].get(key, 0) for t in st["trees"])  # noqa: E731
+    ratio = lambda num, den: num / max(den, 1)  # noqa: E731
+    tr, n_trees = st["train"], len(st["trees"])
     n_pairs = tr.get("pairs", 0.0)
-    return {
-        "train/accuracy": mean("correct"), "train/loss": tr.get("loss", 0.0) / max(n_updates, 1),
-        "train/grad_norm": tr.get("grad_norm", 0.0) / max(n_updates, 1), "train/updates": n_updates,
-        "mcts_dpo/tree_nodes": mean("nodes"), "mcts_dpo/pairs_per_tree": mean("pairs"),
-        "mcts_dpo/pairs": sum(len(t["pairs"]) for t in kept), "mcts_dpo/kept_trees": len(kept),
-        "mcts_dpo/passed_filter": mean("passed_filter"), "mcts_dpo/depth": mean("depth"),
-        "mcts_dpo/policy_calls": mean("calls"), "mcts_dpo/search_s": mean("search_s"),
-        "mcts_dpo/margin": args.beta * tr.get("h", 0.0) / max(n_pairs, 1),
-        "mcts_dpo/pair_accuracy": tr.get("h_pos", 0.0) / max(n_pairs, 1), "mcts_dpo/alpha": tr.get("alpha", 0.0) / max(n_pairs, 1),
-        "mcts_dpo/chosen_step_ok": total("chosen_ok") / max(total("chosen_steps"), 1),
-        "mcts_dpo/rejected_step_ok": total("rejected_ok") / max(total("rejected_steps"), 1),
-        "mcts_dpo/analysed_steps": total("chosen_steps") + total("rejected_steps"),
-        "mcts_dpo/right_ends": total("right_ends"), "mcts_dpo/wrong_ends": total("wrong_ends"),
-        "mcts_dpo/C_right": total("C_right") / max(total("right_ends"), 1),
-        "mcts_dpo/C_wrong": total("C_wrong") / max(total("wrong_ends"), 1),
-        "perf/gen_s": total("search_s"), "perf/update_s": tr.get("update_s", 0.0), "perf/step_s": round_s}
+    return {"train/accuracy": ratio(total("correct"), n_trees), "train/loss": ratio(tr.get("loss", 0.0), n_updates),
+            "train/grad_norm": ratio(tr.get("grad_norm", 0.0), n_updates), "train/updates": n_updates,
+            **{f"mcts_dpo/{k}": ratio(total(k), n_trees)
+               for k in ("tree_nodes", "pairs_per_tree", "passed_filter", "depth", "policy_calls", "search_s")},
+            "mcts_dpo/pairs": sum(len(t["pairs"]) for t in kept), "mcts_dpo/kept_trees": len(kept),
+            "mcts_dpo/margin": args.beta * tr.get("h", 0.0) / max(n_pairs, 1),
+            "mcts_dpo/pair_accuracy": ratio(tr.get("h_pos", 0.0), n_pairs), "mcts_dpo/alpha": ratio(tr.get("alpha", 0.0), n_pairs),
+            "mcts_dpo/chosen_step_ok": ratio(total("chosen_ok"), total("chosen_steps")),
+            "mcts_dpo/rejected_step_ok": ratio(total("rejected_ok"), total("rejected_steps")),
+            "mcts_dpo/analysed_steps": total("chosen_steps") + total("rejected_steps"),
+            "mcts_dpo/right_ends": total("right_ends"), "mcts_dpo/wrong_ends": total("wrong_ends"),
+            "mcts_dpo/C_right": ratio(total("C_right"), total("right_ends")),
+            "mcts_dpo/C_wrong": ratio(total("C_wrong"), total("wrong_ends")),
+            "perf/gen_s": total("search_s"), "perf/update_s": tr.get("update_s", 0.0), "perf/step_s": round_s}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -679,8 +656,6 @@ def main(args: Args) -> dict:
     fresh = st["iteration"] == 0 and st["searched"] == 0 and st["update"] == 0
     before = run.evaluate(lm, 0, args.max_new_tokens) if fresh else None
     last_eval = before
-    bar = tqdm(total=args.iterations, initial=st["iteration"], desc="outcome_dpo" if args.baseline else "mcts_dpo",
-               disable=not acc.is_main_process)
     try:
         while st["iteration"] < args.iterations:
             it, P = st["iteration"], args.prompts_per_iteration
@@ -700,7 +675,7 @@ def main(args: Args) -> dict:
                         sums = sequence_logps(ref, tokenizer, pair_rows(pairs), args.micro_batch_size).tolist()
                         for j, p in enumerate(pairs):
                             p["ref_w"], p["ref_l"] = sums[j], sums[len(pairs) + j]
-                stats |= {"calls": policy.calls, "search_s": time.time() - t0}
+                stats |= {"policy_calls": policy.calls, "search_s": time.time() - t0}
                 tree = {"pairs": pairs, "keep": bool(pairs) and (stats["passed_filter"] > 0 or not args.filter), "stats": stats}
                 trees = gather_object([tree]) if world > 1 else [tree]
                 with run.atomic():
@@ -730,12 +705,10 @@ def main(args: Args) -> dict:
                 f"{len(batches)} updates, loss {metrics['train/loss']:.4f}, train accuracy {metrics['train/accuracy']:.3f}")
             last_eval = run.evaluate(lm, it + 1, args.max_new_tokens)
             run.save(lm, **st)
-            bar.update(1)
     except KeyboardInterrupt:
         run.save_on_interrupt(lm, f"round {st['iteration']} (searched {st['searched']}, updates {st['update']})", **st)
         raise
     finally:
-        bar.close()
         run.close()
     return run.summary(lm, before, last_eval)
 
