@@ -415,13 +415,15 @@ def reward_prompting(agent, env, data, args, rng, act=None):
     """E7 for each of env.reward_tasks(): w from `reward_prompt_samples` reward-labelled dataset transitions,
     then the policy with z = w / |w| from every distinct task start (`act(obs, goal)` replaces it, e.g. a
     random baseline). Success = the episode ends in the reward's target region (episodes starting there are
-    left out). Diagnostics: R^2 of the fit, singular values of X, and whether the sampled dataset state with
-    the largest phi^T z lies in the target region. Returns (scalar metrics, details)."""
+    left out). Diagnostics: R^2 of the fit, singular values of X, whether the sampled dataset state with the
+    largest phi^T z lies in the target region, and the size of the policy's reward (phi(s') - phi(s))^T z
+    for this z relative to a random unit z ("signal"). Returns (scalar metrics, details)."""
     dev = torch.device(args.device)
     pick = rng.choice(len(data["observations"]), size=min(args.reward_prompt_samples, len(data["observations"])), replace=False)
     s, s2 = data["observations"][pick], data["next_observations"][pick]
     phi_s, phi_s2 = (agent.embed(torch.as_tensor(o, device=dev)) for o in (s, s2))
     x = prompt_features(phi_s, phi_s2, args.reward_prompt_feature)
+    dphi = (phi_s2 - phi_s).double()  # the policy's reward is dphi^T z (E5) whatever x is
     sv = torch.linalg.svdvals(x.double()).cpu()
     out = {"eval/reward_prompt_cond": float(sv[0] / sv[-1].clamp_min(1e-12)),
            "eval/reward_prompt_rank": int((sv > 0.01 * sv[0]).sum())}  # singular values above 1 % of the largest
@@ -434,14 +436,17 @@ def reward_prompting(agent, env, data, args, rng, act=None):
         resid = r - x.double() @ w - (r.mean() if args.reward_prompt_feature == "next" else 0.0)
         r2 = 1.0 - float((resid ** 2).sum() / torch.clamp(((r - r.mean()) ** 2).sum(), min=1e-12))
         best = s2[int((phi_s2 @ z).argmax())]  # the sampled state that phi^T z ranks highest
+        # size of the intrinsic reward dphi^T z for this z relative to a random unit z (E||dphi z||^2 = ||dphi||_F^2 / D)
+        signal = float((dphi @ z.double()).norm() / (dphi.norm() / dphi.shape[1] ** 0.5))
         pol = act or (lambda o, g, z=z: agent.act(torch.as_tensor(o, device=dev), z.expand(len(o), -1)).cpu().numpy())
         _, path, ret = env.rollout(pol, start_ids, seed=args.seed, reward_fn=fn)
         valid = ~in_target(path[:, 0])
         success = float(in_target(path[:, -1])[valid].mean()) if valid.any() else float("nan")
         out.update({f"eval/reward_success/{name}": success, f"eval/reward_return/{name}": float(ret.mean()),
-                    f"eval/reward_r2/{name}": r2, f"eval/reward_argmax_in_target/{name}": float(in_target(best))})
-        details[name] = {"success": success, "return": float(ret.mean()), "r2": r2, "z": z.tolist(), "argmax_state": best.tolist(),
-                         "argmax_in_target": bool(in_target(best)), "episodes": int(valid.sum())}
+                    f"eval/reward_r2/{name}": r2, f"eval/reward_argmax_in_target/{name}": float(in_target(best)),
+                    f"eval/reward_signal/{name}": signal})
+        details[name] = {"success": success, "return": float(ret.mean()), "r2": r2, "z": z.tolist(), "signal": signal,
+                         "argmax_state": best.tolist(), "argmax_in_target": bool(in_target(best)), "episodes": int(valid.sum())}
     out["eval/reward_success"] = float(np.nanmean([v for k, v in out.items() if k.startswith("eval/reward_success/")]))
     return out, details
 

@@ -32,9 +32,10 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 
-from algos.spr import Args, PrioritizedReplay, SPRNetwork, compute_losses, update
+from algos.spr import Args, PrioritizedReplay, SPRNetwork, augment, compute_losses, update
 from shared.atari import RANDOM_SCORES, game_name, human_normalized_score, make_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -278,6 +279,45 @@ def run(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: li
                 raise SystemExit(f"{game} seed {seed}: {', '.join(failed)} failed")
 
 
+@torch.no_grad()
+def spr_probe(run: pathlib.Path, batches: int = 8, batch_size: int = 64, seed: int = 0) -> dict:
+    """Does the run's transition model + predictor predict the future? With its final checkpoint and replay:
+    the cosine between yhat_{t+k} (from o_t and a_t..a_{t+k-1}) and the target ytil_{t+k} of the real o_{t+k},
+    against the cosine with the o_{t+k} of another sequence of the batch (shuffled), over k = 1..K and the
+    sequences whose o_{t+k} is in the same episode; augmentation as in training. The SPR loss of a step is
+    2 - 2 cos, so loss ratio = (1 - cos true) / (1 - cos shuffled) < 1 means the predictions carry
+    information about the real future. DER runs, whose transition model and predictor never train, are the
+    control (their target is the online net, as SPR's with tau = 0)."""
+    saved = json.loads((run / "args.json").read_text())
+    args = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    n_actions = state["net"]["transition.conv1.weight"].shape[1] - 64
+    net, target = SPRNetwork(n_actions, args), SPRNetwork(n_actions, args)
+    net.load_state_dict(state["net"])
+    target.load_state_dict(state["spr_target"] if args.spr else state["net"])
+    replay = PrioritizedReplay(args.buffer_size, max(args.jumps, args.n_step), args.per_alpha, seed)
+    replay.load_state_dict(torch.load(run / "checkpoint" / "replay.pt", weights_only=False))
+    torch.manual_seed(seed)
+    img = (lambda o: augment(o.float() / 255)) if args.augmentation else (lambda o: o.float() / 255)
+    sums = np.zeros(3)
+    for _ in range(batches):
+        b = replay.sample(batch_size, args.per_beta, args.jumps, args.n_step, args.gamma)
+        obs, actions, mask = (torch.as_tensor(b[k]) for k in ("obs", "actions", "spr_mask"))
+        zhat, latents = net.encode(img(obs[:, 0])), []
+        for k in range(args.jumps):
+            zhat = net.transition(zhat, actions[:, k])
+            latents.append(zhat)
+        pred = net.predictor(net.head.project(torch.stack(latents, 1).flatten(0, 1))).view(batch_size, args.jumps, -1)
+        ytil = target.head.project(target.encode(img(obs[:, 1:].flatten(0, 1)))).view(batch_size, args.jumps, -1)
+        perm = torch.roll(torch.arange(batch_size), 1)  # every sequence paired with another one
+        both = mask * mask[perm]
+        sums += [float((F.cosine_similarity(pred, ytil, dim=-1) * both).sum()),
+                 float((F.cosine_similarity(pred, ytil[perm], dim=-1) * both).sum()), float(both.sum())]
+    cos_true, cos_shuffled = sums[0] / sums[2], sums[1] / sums[2]
+    return {"cos_true": float(cos_true), "cos_shuffled": float(cos_shuffled),
+            "loss_ratio": float((1 - cos_true) / (1 - cos_shuffled))}
+
+
 def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list[str], steps: int) -> dict:
     """Per (game, method, seed): final eval, HNS, SPR/TD loss at the first and last log window, wall time."""
     walls = {}
@@ -302,7 +342,8 @@ def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list
                     "evals": {x["step"]: x["eval/return_mean"] for x in lines if "eval/return_mean" in x},
                     "spr_loss": [(x["step"], x["spr/loss"]) for x in train],
                     "td_loss": [(x["step"], x["train/td_loss"]) for x in train],
-                    "wall_s": walls.get((game, algo, seed), float("nan"))}
+                    "wall_s": walls.get((game, algo, seed), float("nan")),
+                    "probe": spr_probe(run_dir) if (run_dir / "checkpoint" / "replay.pt").exists() else None}
     return res
 
 
@@ -378,6 +419,16 @@ def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: 
                     (s0, l0), (s1, l1) = r["spr_loss"][0], r["spr_loss"][-1]
                     summary["spr_loss"][f"{game}|{s}"] = {"first": l0, "last": l1, "first_step": s0, "last_step": s1}
                     lines.append(f"| {game} | {s} | {l0:.3f} ({s0}) | {l1:.3f} ({s1}) | {'yes' if l1 < l0 else 'no'} |")
+    probes = {k: r["probe"] for k, r in res.items() if r["probe"]}
+    if probes:
+        lines += ["", "Does the transition model predict the future? (`spr_probe`: final checkpoint, 512 sequences "
+                  "from the run's replay; cosine of yhat_{t+k} with the target of the real o_{t+k} and with that of "
+                  "another sequence; loss ratio = (1 - cos true) / (1 - cos shuffled), < 1: informative. The "
+                  "DER runs never train their transition model and predictor: the control.)", "",
+                  "| game | method | seed | cos true | cos shuffled | loss ratio |", "|---|---|---|---|---|---|"]
+        for (g, m, sd), pr in sorted(probes.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1]), kv[0][2])):
+            lines.append(f"| {g} | {METHODS[m][0]} | {sd} | {pr['cos_true']:.4f} | {pr['cos_shuffled']:.4f} | "
+                         f"{pr['loss_ratio']:.3f} |")
     missing = [f"{g} {m} seed {s}" for g in games for m in methods for s in seeds if (g, m, s) not in res]
     walls = [r["wall_s"] for r in res.values() if not math.isnan(r["wall_s"])]
     lines += ["", f"Missing runs: {', '.join(missing) if missing else 'none'}."]
