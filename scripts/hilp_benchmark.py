@@ -67,9 +67,9 @@ class Args:
     planning_num_states: int = 5_000
     """dataset states searched by HILP-Plan (paper code: 50,000)"""
     mix_ratio: float = 0.5
-    """skill_mix_ratio of the second HILP agent (ZSRL code: 0.5)"""
-    zsrl_ridge: float = 1e-3
-    """reward_prompt_ridge of the ZSRL-style prompt and whitening"""
+    """skill_mix_ratio of the second HILP agent (ZSRL code: 0.5); its whitening uses x = [phi(s'), 1] and `ridge`"""
+    ridge: float = 1e-3
+    """reward_prompt_ridge of the ridge prompts and of the whitening (chosen on seed 1 among 0, 1e-3, 1e-2, 1e-1)"""
     threads: int = 1
     """torch CPU threads"""
     device: str = "cpu"
@@ -80,9 +80,8 @@ class Args:
     """where the HILP runs and datasets go"""
 
 
-PAPER_PROMPT = {"reward_prompt_feature": "diff", "reward_prompt_ridge": 0.0}
-AGENTS = {"HILP": {"skill_mix_ratio": 0.0}, "HILP, whitened z": {}}  # the second gets mix_ratio + the ZSRL prompt
-PROMPTS = ["paper: diff, LS", "ZSRL: next, ridge"]
+AGENTS = {"HILP": {"skill_mix_ratio": 0.0}, "HILP, whitened z": {}}  # the second: mix_ratio, next features, ridge
+PROMPTS = ["diff, LS", "diff, ridge", "next, ridge"]  # the paper's prompt, + ridge, the ZSRL code's features + ridge
 
 
 def train_gcbc(data, steps, batch_size, hidden, layers, seed, device):
@@ -122,7 +121,9 @@ def run_env(env_name, seed, a):
     pm = env_name.startswith("pointmaze")
     episodes, length = a.pointmaze_data if pm else a.maze2d_data
     eval_eps = a.pointmaze_eval_episodes if pm else a.maze2d_eval_episodes
-    zsrl = {"reward_prompt_feature": "next", "reward_prompt_ridge": a.zsrl_ridge}
+    prompts = dict(zip(PROMPTS, ({"reward_prompt_feature": "diff", "reward_prompt_ridge": 0.0},
+                                 {"reward_prompt_feature": "diff", "reward_prompt_ridge": a.ridge},
+                                 {"reward_prompt_feature": "next", "reward_prompt_ridge": a.ridge})))
     base = hilp.Args(env=env_name, dataset="diverse", dataset_episodes=episodes, dataset_episode_len=length,
                      data_dir=os.path.join(a.runs_dir, "data"), seed=seed, output_dir=a.runs_dir,
                      total_steps=a.total_steps, eval_every=a.total_steps, checkpoint_every=a.total_steps,
@@ -139,7 +140,7 @@ def run_env(env_name, seed, a):
     rand = lambda o, g: rng.uniform(-1, 1, size=(len(o), env.act_dim))
     paths = {}
     for name, overrides in AGENTS.items():
-        hargs = dataclasses.replace(base, **(overrides or {"skill_mix_ratio": a.mix_ratio, **zsrl}))
+        hargs = dataclasses.replace(base, **(overrides or {"skill_mix_ratio": a.mix_ratio, **prompts["next, ridge"]}))
         t0 = time.time()
         res = hilp.main(hargs)
         times[name] = time.time() - t0
@@ -148,7 +149,7 @@ def run_env(env_name, seed, a):
             out["success"][label] = res[key]
             out["success_per_task"][label] = [res[f"{key}_task{t}"] for t in range(len(env.tasks))]
         paths[name] = dict(np.load(os.path.join(res["run_dir"], "eval_paths.npz")))["goal"]
-        for prompt, settings in zip(PROMPTS, (PAPER_PROMPT, zsrl)):  # both prompts for both agents
+        for prompt, settings in prompts.items():  # every prompt for both agents
             metrics, details = hilp.reward_prompting(res["agent"], env, data, dataclasses.replace(hargs, **settings),
                                                      np.random.default_rng(seed + 12345))
             out["prompting"][f"{name} / {prompt}"] = metrics["eval/reward_success"]
@@ -240,7 +241,9 @@ def write_table(results, a, wall_s, out_dir):
              f"{a.planning_num_states} dataset states (paper code: 50,000). GCBC: the same actor on (s, g), goals "
              "uniform over the trajectory's future, same steps/batch/width/lr. 'HILP, whitened z': the same "
              f"training with a share {a.mix_ratio} of z drawn as whitened features (E5 option, ZSRL code), x = "
-             f"[phi(s'), 1], ridge {a.zsrl_ridge}.",
+             f"[phi(s'), 1], ridge {a.ridge}. Reward prompts: 'diff, LS' = the paper's (x = phi(s') - phi(s), least "
+             f"squares), 'diff, ridge' and 'next, ridge' (x = [phi(s'), 1], the ZSRL code's features) with ridge "
+             f"{a.ridge} x the mean eigenvalue of X^T X, chosen on seed 1 with the first agent among 0, 1e-3, 1e-2, 1e-1.",
              f"Hardware: {cpu_name()}, {os.cpu_count()} cores visible, {a.threads} torch thread(s), device {a.device} "
              f"(the 2-core development machine was shared with other jobs); torch {torch.__version__}. "
              f"Whole script: {wall_s / 60:.1f} min.",
@@ -268,8 +271,9 @@ def write_table(results, a, wall_s, out_dir):
         lines.append(f"| {r['env']} | {r['seed']} | {pct(r['prompting']['random'])} | "
                      + " | ".join(pct(r["prompting"][f"{ag} / {pr}"]) for ag in AGENTS for pr in PROMPTS) + " |")
     keys = ["random"] + [f"{ag} / {pr}" for ag in AGENTS for pr in PROMPTS]
-    lines += ["", "Per reward (success; in brackets R^2 of the fit and whether the sampled dataset state with the "
-              "largest phi^T z lies in the target region, the diagnostic of where z points):", ""]
+    lines += ["", "Per reward: success, and in brackets R^2 of the fit, whether the sampled dataset state with the "
+              "largest phi^T z lies in the target region (where z points), and the size of the policy's reward "
+              "(phi(s') - phi(s))^T z for this z relative to a random unit z (signal):", ""]
     for r in results:
         names = [k for k in r["details"]["random"] if isinstance(r["details"]["random"][k], dict)]
         lines += [f"{r['env']}, seed {r['seed']}:", "", "| reward | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -277,15 +281,17 @@ def write_table(results, a, wall_s, out_dir):
             cells = [pct(r["details"]["random"][n]["success"])]
             for k in keys[1:]:
                 d = r["details"][k][n]
-                cells.append(f"{pct(d['success'])} ({d['r2']:.2f}, {'in' if d['argmax_in_target'] else 'out'})")
+                cells.append(f"{pct(d['success'])} ({d['r2']:.2f}, {'in' if d['argmax_in_target'] else 'out'}, "
+                             f"{d['signal']:.2f})")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Singular values of the regression features X (10,000 samples; largest, 2nd, 4th, 8th, smallest; "
-              "condition number):", "", "| env | seed | agent / prompt | singular values | condition |", "|---|---|---|---|---|"]
+    lines += ["Singular values of the regression features X (10,000 samples; largest, 2nd, 4th, 8th, 16th, smallest; "
+              "condition number). phi is the same for both agents (its loss does not involve z).", "",
+              "| env | seed | X | singular values | condition |", "|---|---|---|---|---|"]
     for r in results:
-        for k in keys[1:]:
+        for k, label in (("HILP / diff, LS", "phi(s') - phi(s)"), ("HILP / next, ridge", "phi(s') centred")):
             sv = np.array(r["details"][k]["singular_values"])
-            lines.append(f"| {r['env']} | {r['seed']} | {k} | " + ", ".join(f"{sv[i]:.3g}" for i in (0, 1, 3, 7, -1))
+            lines.append(f"| {r['env']} | {r['seed']} | {label} | " + ", ".join(f"{sv[i]:.3g}" for i in (0, 1, 3, 7, 15, -1))
                          + f" | {sv[0] / max(sv[-1], 1e-12):.3g} |")
     lines += ["", "## phi vs true distance (3000 random dataset pairs, the paper's agent; see phi_vs_bfs.png)", "",
               "The BFS distance is the xy shortest path on a 0.2-cell grid; for PointMaze it ignores velocity, which "

@@ -388,7 +388,7 @@ def test_planning_routes_around_walls():
 def test_goal_reaching_on_the_umaze_is_well_above_random(tmp_path):
     torch.manual_seed(0)
     args = small_args(env="maze2d-umaze", dataset_episodes=100, dataset_episode_len=200, data_dir=str(tmp_path / "data"),
-                      output_dir=str(tmp_path), total_steps=3000, eval_every=3000, checkpoint_every=3000, log_every=500,
+                      output_dir=str(tmp_path), total_steps=5000, eval_every=5000, checkpoint_every=5000, log_every=500,
                       eval_episodes=20, hidden_dim=64, latent_dim=16, batch_size=256, planning=False,
                       reward_prompt_samples=2000)
     res = hilp.main(args)
