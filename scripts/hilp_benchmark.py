@@ -156,6 +156,11 @@ def run_env(env_name, seed, a):
             out["details"][f"{name} / {prompt}"] = details
         if name == "HILP":  # the paper's agent: random baseline of reward prompting, phi vs BFS below
             agent = res["agent"]
+            if seed == a.seeds[0]:  # the ridge sweep on the first seed (how `ridge` was chosen)
+                out["ridge_sweep"] = {f"{f}, {lam:g}": hilp.reward_prompting(
+                    agent, env, data, dataclasses.replace(hargs, reward_prompt_feature=f, reward_prompt_ridge=lam),
+                    np.random.default_rng(seed + 12345))[0]["eval/reward_success"]
+                    for f in ("diff", "next") for lam in (0.0, 1e-3, 1e-2, 1e-1)}
             metrics, details = hilp.reward_prompting(agent, env, data, base, np.random.default_rng(seed + 12345), act=rand)
             out["prompting"]["random"] = metrics["eval/reward_success"]
             out["details"]["random"] = details
@@ -270,6 +275,12 @@ def write_table(results, a, wall_s, out_dir):
     for r in results:
         lines.append(f"| {r['env']} | {r['seed']} | {pct(r['prompting']['random'])} | "
                      + " | ".join(pct(r["prompting"][f"{ag} / {pr}"]) for ag in AGENTS for pr in PROMPTS) + " |")
+    for r in results:
+        if "ridge_sweep" in r:
+            lines += ["", f"Ridge sweep, {r['env']} seed {r['seed']}, the first agent (mean success over the rewards; "
+                      "selection seed for `--ridge`):", "", "| x | ridge 0 | 1e-3 | 1e-2 | 1e-1 |", "|---|---|---|---|---|"]
+            for f in ("diff", "next"):
+                lines.append(f"| {f} | " + " | ".join(pct(r["ridge_sweep"][f"{f}, {lam:g}"]) for lam in (0.0, 1e-3, 1e-2, 1e-1)) + " |")
     keys = ["random"] + [f"{ag} / {pr}" for ag in AGENTS for pr in PROMPTS]
     lines += ["", "Per reward: success, and in brackets R^2 of the fit, whether the sampled dataset state with the "
               "largest phi^T z lies in the target region (where z points), and the size of the policy's reward "
