@@ -37,7 +37,8 @@ z is drawn fresh for every sample at every step (the paper's JAX runs reused one
 §7). Networks use PyTorch's default initialisation, not the JAX code's. Evaluation: 5 fixed start/goal
 tasks per maze; reward prompting is scored on the maze's reward tasks (4 directions, 5 cells to reach) from
 every distinct task start, with diagnostics (R^2 of the fit, singular values, the state maximising
-phi^T z). E7's ridge term and the whitened z of E5 are options from the ZSRL code, off by default. Defaults are
+phi^T z). The whitened z of E5 and E7's [phi(s'), 1] are options from the ZSRL code, E7's ridge term is
+ours (the code's least squares can put z on directions along which phi barely moves); all off by default. Defaults are
 the paper's (3x512 nets, batch 1024, 1M steps); the CPU budget of scripts/hilp_benchmark.py is
   python algos/hilp.py --env maze2d-medium --total-steps 10000 --batch-size 256 --hidden-dim 128 --num-layers 2 \
       --eval-every 10000 --planning-num-states 5000
