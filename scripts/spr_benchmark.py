@@ -375,6 +375,9 @@ def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: 
              f"{', '.join(map(str, seeds))}", "",
              "Final evaluation return per run (mean over its evaluation games), then mean over seeds with a "
              "t-based 95 % interval (n = number of seeds). The paper column is 100k steps, 10 seeds.", "",
+             *(["**n = 1 (one seed per method): no interval can be computed and a single paired difference cannot "
+                "separate two methods; every figure below describes that one seed only.**", ""]
+               if len(seeds) < 2 else []),
              "| game | method | n | per seed | mean ± 95 % CI | HNS of the mean | random | paper 100k |",
              "|---|---|---|---|---|---|---|---|"]
     for game in games:
@@ -411,14 +414,16 @@ def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: 
                 lines.append(f"| {METHODS[algo][0]} | {fmt(*t_interval(hns), digits=3)} |")
     if "spr" in methods:
         lines += ["", "SPR loss (λ L_SPR, mean over the log window) in the first and the last window of training:", "",
-                  "| game | seed | first window (step) | last window (step) | fell? |", "|---|---|---|---|---|"]
+                  "| game | seed | first window (step) | last window (step) | fell? | every window (step: loss) |",
+                  "|---|---|---|---|---|---|"]
         for game in games:
             for s in seeds:
                 r = res.get((game, "spr", s))
                 if r and r["spr_loss"]:
                     (s0, l0), (s1, l1) = r["spr_loss"][0], r["spr_loss"][-1]
                     summary["spr_loss"][f"{game}|{s}"] = {"first": l0, "last": l1, "first_step": s0, "last_step": s1}
-                    lines.append(f"| {game} | {s} | {l0:.3f} ({s0}) | {l1:.3f} ({s1}) | {'yes' if l1 < l0 else 'no'} |")
+                    lines.append(f"| {game} | {s} | {l0:.3f} ({s0}) | {l1:.3f} ({s1}) | {'yes' if l1 < l0 else 'no'} | "
+                                 + ", ".join(f"{st}: {v:.3f}" for st, v in r["spr_loss"]) + " |")
     probes = {k: r["probe"] for k, r in res.items() if r["probe"]}
     if probes:
         lines += ["", "Does the transition model predict the future? (`spr_probe`: final checkpoint, 512 sequences "

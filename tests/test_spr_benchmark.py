@@ -61,6 +61,19 @@ def test_table_on_a_synthetic_log(tmp_path):
     assert "| Boxing | spr − der | 2 | +4.0, +3.0 | 3.5 ± 6.4 | no |" in md
     assert "| Boxing | SPR | 3 | 1.0, 2.0, 6.0 | 3.0 ± 6.6 | 0.24 | 0.1 | 35.8 (SPR) |" in md
     assert "0.2 (DER (original))" in md and "Missing runs: Boxing der seed 3." in md
-    assert "| Boxing | 1 | 1.500 (1000) | 0.800 (2000) | yes |" in md
+    assert "| Boxing | 1 | 1.500 (1000) | 0.800 (2000) | yes | 1000: 1.500, 2000: 0.800 |" in md
+    assert "n = 1" not in md
     assert (tmp_path / "docs" / "benchmark_t.png").exists()
     assert json.loads((tmp_path / "docs" / "benchmark_t.json").read_text())["paired"]["Boxing|spr-der_aug"]["seeds"] == [1, 2, 3]
+
+
+def test_table_with_one_seed_says_so(tmp_path):
+    out = tmp_path / "runs"
+    for algo, per in RETURNS.items():
+        write_run(out, algo, 1, per[1])
+    s = bench.table(games=["Boxing"], seeds=[1], steps=2000, out_dir=str(out), tag="_1", hardware="test",
+                    docs=str(tmp_path / "docs"))
+    assert math.isnan(s["methods"]["Boxing|spr"]["ci"]) and math.isnan(s["paired"]["Boxing|spr-der"]["ci"])
+    md = (tmp_path / "docs" / "benchmark_1.md").read_text()
+    assert "n = 1 (one seed per method): no interval" in md
+    assert "| Boxing | spr − der | 1 | +4.0 | 4.0 | — |" in md  # one difference: no interval, not "separated"
