@@ -16,12 +16,17 @@ each is tied to the spec `shared/papers/hilp.md` section and to the official cod
   E3 (spec §2) l_tau(u) = |tau - 1[u < 0]| u^2, the expectile loss.
   E4 (spec §2) q_i = r + gamma m Vbar_i(s', g); adv = r + gamma m min_i Vbar_i(s', g) - mean_i Vbar_i(s, g);
      L_phi = sum_i mean(|tau - 1[adv < 0]| (q_i - V_i(s, g))^2), tau = 0.95, gamma = 0.99.
-  E5 (spec §2) r_z(s, s') = <phi(s') - phi(s), z>, z ~ Uniform(unit sphere), phi = phi_1, frozen.
+  E5 (spec §2) r_z(s, s') = <phi(s') - phi(s), z>, z ~ Uniform(unit sphere), phi = phi_1, frozen. Option (ZSRL
+     code): a share of z = normalize((X^T X + lambda I)^+ x_j), E7's answer for a reward that is 1 at one
+     batch transition j ("whitened features"), so that the policy also sees z shaped like E7's outputs.
   E6 (spec §2) IQL + AWR on r_z:  L_V = mean l_{0.9}(min_i Qbar_i(s,a,z) - V(s,z));
      L_Q = sum_i mean(r_z + gamma_s V(s',z) - Q_i(s,a,z))^2 (no terminal mask);
      L_pi = -mean(min(exp(beta (min_i Qbar_i - V)), 100) log pi(a|s,z)), beta = 10.
   E7 (spec §2) prompting: goal z = (phi(g) - phi(s)) / ||.||, recomputed every step; reward
-     z = normalize(argmin_w sum_i (r_i - phitil_i^T w)^2) with phitil = phi(s') - phi(s) (paper form).
+     z = normalize(w), w = argmin_w sum_i (r_i - x_i^T w)^2 + lambda ||w||^2 with x = phi(s') - phi(s) (paper
+     form) or x = [phi(s'), 1] for rewards of the next state only (ZSRL code: centred phi(s')). The policy of
+     E5-E6 serves both: sum_t gamma^t (phi(s_t+1) - phi(s_t))^T z = (1 - gamma) sum_t gamma^t phi(s_t+1)^T z
+     - phi(s_0)^T z, so it is also optimal for the state reward phi(s')^T z.
   E8 (spec §2) planning: w = argmin_{w in D} max(||phi(s) - phi(w)||, ||phi(w) - phi(g)||); as in the code,
      average phi of the 50 best of N dataset states, use it as the new goal, repeat 3 times.
 
@@ -30,7 +35,10 @@ a numpy 2D maze and on gymnasium-robotics PointMaze (`shared/maze.py`, `shared/p
 policy learner is the goal-conditioned code's IQL/AWR (not the ZSRL code's successor features + TD3).
 z is drawn fresh for every sample at every step (the paper's JAX runs reused one fixed batch of z, spec
 §7). Networks use PyTorch's default initialisation, not the JAX code's. Evaluation: 5 fixed start/goal
-tasks per maze; reward prompting is scored on a few reward functions defined on the maze. Defaults are
+tasks per maze; reward prompting is scored on the maze's reward tasks (4 directions, 5 cells to reach) from
+every distinct task start, with diagnostics (R^2 of the fit, singular values, the state maximising
+phi^T z). The whitened z of E5 and E7's [phi(s'), 1] are options from the ZSRL code, E7's ridge term is
+ours (the code's least squares can put z on directions along which phi barely moves); all off by default. Defaults are
 the paper's (3x512 nets, batch 1024, 1M steps); the CPU budget of scripts/hilp_benchmark.py is
   python algos/hilp.py --env maze2d-medium --total-steps 10000 --batch-size 256 --hidden-dim 128 --num-layers 2 \
       --eval-every 10000 --planning-num-states 5000
@@ -127,6 +135,12 @@ class Args:
     """midpoint recursions in E8 (paper code: 3)"""
     reward_prompt_samples: int = 10_000
     """reward-labelled transitions for the least-squares prompt in E7 (ZSRL code: 10,000)"""
+    reward_prompt_feature: str = "diff"
+    """x in E7: 'diff' = phi(s') - phi(s) (paper); 'next' = [phi(s'), 1] for next-state rewards (ZSRL code)"""
+    reward_prompt_ridge: float = 0.0
+    """lambda in E7 relative to the mean eigenvalue of X^T X (0: least squares, minimum norm as pinv)"""
+    skill_mix_ratio: float = 0.0
+    """share of training z that are whitened features of the batch (E5 option; ZSRL code: 0.5), x as in E7"""
 
 
 # ---------------------------------------------------------------- objectives (pure functions of tensors)
@@ -178,10 +192,31 @@ def goal_prompt(phi_s, phi_g):
     return d / torch.clamp(d.norm(dim=-1, keepdim=True), min=1e-6)
 
 
-def reward_prompt(phitil, reward):
-    """E7 (reward): least squares w = argmin ||reward - phitil w||^2, returned unit-norm. phitil: [N, D]."""
-    w = torch.linalg.lstsq(phitil, reward[:, None]).solution[:, 0]
-    return w / torch.clamp(w.norm(), min=1e-8)
+def prompt_features(phi_s, phi_next, feature):
+    """x of E7: 'diff' = phi(s') - phi(s); 'next' = phi(s') centred over the samples, i.e. [phi(s'), 1] with
+    the constant column projected out (the same w, an unpenalised intercept)."""
+    if feature == "diff":
+        return phi_next - phi_s
+    assert feature == "next", f"unknown reward prompt feature {feature!r}"
+    return phi_next - phi_next.mean(0)
+
+
+def ridge_inverse(x, ridge):
+    """(X^T X + lambda I)^+ in float64, lambda = ridge * mean eigenvalue of X^T X; x: [N, D]."""
+    x = x.double()
+    gram = x.T @ x
+    return torch.linalg.pinv(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=x.dtype, device=x.device))
+
+
+def reward_prompt(x, reward, ridge=0.0):
+    """E7 (reward): w = (X^T X + lambda I)^+ X^T r, returned as (unit-norm z, w). x: [N, D], reward: [N]."""
+    w = ridge_inverse(x, ridge) @ (x.double().T @ reward.double())
+    return (w / torch.clamp(w.norm(), min=1e-12)).float(), w
+
+
+def whitened_skills(x, ridge):
+    """E5 option: for every row x_j, E7's z for the reward 1[i = j]: normalize((X^T X + lambda I)^+ x_j)."""
+    return nn.functional.normalize((x.double() @ ridge_inverse(x, ridge)).float(), dim=-1)
 
 
 def plan_waypoint(phi_s, phi_g, phi_states, num_knns, num_recursions):
@@ -313,6 +348,10 @@ def polyak(target, online, rate):
 
 def update(agent, opt, batch, args):
     z = sample_skills(len(batch["obs"]), args.latent_dim, batch["obs"].device)
+    if args.skill_mix_ratio > 0:  # E5 option: a share of z are E7 answers for single-transition rewards
+        x = prompt_features(agent.embed(batch["obs"]), agent.embed(batch["next_obs"]), args.reward_prompt_feature)
+        mix = torch.rand(len(z), device=z.device) < args.skill_mix_ratio
+        z = torch.where(mix[:, None], whitened_skills(x, args.reward_prompt_ridge)[torch.randperm(len(z), device=z.device)], z)
     terms, info = losses(agent, batch, z, args)
     loss = sum(terms.values())  # Total = L_phi + L_V + L_Q + L_pi, one Adam
     opt.zero_grad(set_to_none=True)
@@ -373,8 +412,48 @@ def goal_policy(agent, device, plan_phis=None, args=None):
     return policy
 
 
+def reward_prompting(agent, env, data, args, rng, act=None):
+    """E7 for each of env.reward_tasks(): w from `reward_prompt_samples` reward-labelled dataset transitions,
+    then the policy with z = w / |w| from every distinct task start (`act(obs, goal)` replaces it, e.g. a
+    random baseline). Success = the episode ends in the reward's target region (episodes starting there are
+    left out). Diagnostics: R^2 of the fit, singular values of X, whether the sampled dataset state with the
+    largest phi^T z lies in the target region, and the size of the policy's reward (phi(s') - phi(s))^T z
+    for this z relative to a random unit z ("signal"). Returns (scalar metrics, details)."""
+    dev = torch.device(args.device)
+    pick = rng.choice(len(data["observations"]), size=min(args.reward_prompt_samples, len(data["observations"])), replace=False)
+    s, s2 = data["observations"][pick], data["next_observations"][pick]
+    phi_s, phi_s2 = (agent.embed(torch.as_tensor(o, device=dev)) for o in (s, s2))
+    x = prompt_features(phi_s, phi_s2, args.reward_prompt_feature)
+    dphi = (phi_s2 - phi_s).double()  # the policy's reward is dphi^T z (E5) whatever x is
+    sv = torch.linalg.svdvals(x.double()).cpu()
+    out = {"eval/reward_prompt_cond": float(sv[0] / sv[-1].clamp_min(1e-12)),
+           "eval/reward_prompt_rank": int((sv > 0.01 * sv[0]).sum())}  # singular values above 1 % of the largest
+    details = {"feature": args.reward_prompt_feature, "ridge": args.reward_prompt_ridge, "singular_values": sv.tolist()}
+    starts = [i for i, t in enumerate(env.tasks) if t[0] not in [u[0] for u in env.tasks[:i]]]
+    start_ids = np.repeat(starts, args.eval_episodes)
+    for name, (fn, in_target) in env.reward_tasks().items():
+        r = torch.as_tensor(fn(s, s2), dtype=torch.float64, device=dev)
+        z, w = reward_prompt(x, r, args.reward_prompt_ridge)
+        resid = r - x.double() @ w - (r.mean() if args.reward_prompt_feature == "next" else 0.0)
+        r2 = 1.0 - float((resid ** 2).sum() / torch.clamp(((r - r.mean()) ** 2).sum(), min=1e-12))
+        best = s2[int((phi_s2 @ z).argmax())]  # the sampled state that phi^T z ranks highest
+        # size of the intrinsic reward dphi^T z for this z relative to a random unit z (E||dphi z||^2 = ||dphi||_F^2 / D)
+        signal = float((dphi @ z.double()).norm() / (dphi.norm() / dphi.shape[1] ** 0.5))
+        pol = act or (lambda o, g, z=z: agent.act(torch.as_tensor(o, device=dev), z.expand(len(o), -1)).cpu().numpy())
+        _, path, ret = env.rollout(pol, start_ids, seed=args.seed, reward_fn=fn)
+        valid = ~in_target(path[:, 0])
+        success = float(in_target(path[:, -1])[valid].mean()) if valid.any() else float("nan")
+        out.update({f"eval/reward_success/{name}": success, f"eval/reward_return/{name}": float(ret.mean()),
+                    f"eval/reward_r2/{name}": r2, f"eval/reward_argmax_in_target/{name}": float(in_target(best)),
+                    f"eval/reward_signal/{name}": signal})
+        details[name] = {"success": success, "return": float(ret.mean()), "r2": r2, "z": z.tolist(), "signal": signal,
+                         "argmax_state": best.tolist(), "argmax_in_target": bool(in_target(best)), "episodes": int(valid.sum())}
+    out["eval/reward_success"] = float(np.nanmean([v for k, v in out.items() if k.startswith("eval/reward_success/")]))
+    return out, details
+
+
 def evaluate(agent, env, data, args, step):
-    """Goal-reaching success over the fixed tasks (E7, and E8), reward prompting returns, phi vs BFS."""
+    """Goal-reaching success over the fixed tasks (E7, and E8), reward prompting (E7), phi vs BFS."""
     dev = torch.device(args.device)
     rng = np.random.default_rng(args.seed + 12345)  # own RNG: evaluation never moves the training RNGs
     task_ids = np.repeat(np.arange(len(env.tasks)), args.eval_episodes)
@@ -390,22 +469,15 @@ def evaluate(agent, env, data, args, step):
         for t in range(len(env.tasks)):
             out[f"{key}_task{t}"] = float(success[task_ids == t].mean())
         paths[mode] = path
-    # reward prompting (E7): regress reward_fn(s, s') on phi(s') - phi(s) over labelled dataset samples
-    pick = rng.choice(len(data["observations"]), size=min(args.reward_prompt_samples, len(data["observations"])), replace=False)
-    s, s2 = data["observations"][pick], data["next_observations"][pick]
-    phitil = agent.embed(torch.as_tensor(s2, device=dev)) - agent.embed(torch.as_tensor(s, device=dev))
-    start_ids = np.full(args.eval_episodes, len(env.tasks) - 1)  # from the longest task's start
-    for name, fn in env.reward_fns().items():
-        z = reward_prompt(phitil, torch.as_tensor(fn(s, s2), dtype=torch.float32, device=dev))
-        pol = lambda o, g, z=z: agent.act(torch.as_tensor(o, device=dev), z.expand(len(o), -1)).cpu().numpy()
-        out[f"eval/reward_return/{name}"] = float(env.rollout(pol, start_ids, seed=args.seed, reward_fn=fn)[2].mean())
+    metrics, details = reward_prompting(agent, env, data, args, rng)
+    out.update(metrics)
     # does ||phi(s) - phi(g)|| order state pairs like the true shortest-path distance?
     i, j = rng.integers(len(data["observations"]), size=(2, 2000))
     oi, oj = data["observations"][i], data["observations"][j]
     dphi = (agent.embed(torch.as_tensor(oi, device=dev)) - agent.embed(torch.as_tensor(oj, device=dev))).norm(dim=-1)
     out["eval/phi_spearman"] = spearman(dphi.cpu().numpy(), env.geodesic(oi, oj))
     out["step"] = step
-    return out, paths
+    return out, paths, details
 
 
 # ---------------------------------------------------------------- main
@@ -477,7 +549,7 @@ def main(args):
         stop.append(True)
     signal.signal(signal.SIGINT, on_sigint)
 
-    step, result, t_last = start_step, {}, time.time()
+    step, result, prompting, t_last = start_step, {}, {}, time.time()
     pbar = tqdm.tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, dynamic_ncols=True)
     for step in pbar:
         # ALGO LOGIC: sample a relabelled batch (E2), one update of all four losses (E4, E6)
@@ -489,11 +561,13 @@ def main(args):
         if step % args.checkpoint_every == 0:
             save_checkpoint(run_dir, agent, opt, step, rng)
         if step % args.eval_every == 0 or step == args.total_steps:
-            result, paths = evaluate(agent, env, data, args, step)
+            result, paths, prompting = evaluate(agent, env, data, args, step)
             log(result)
             np.savez_compressed(os.path.join(run_dir, "eval_paths.npz"), **paths)
+            json.dump({"step": step, **prompting}, open(os.path.join(run_dir, "reward_prompting.json"), "w"), indent=1)
             tqdm.tqdm.write(f"step {step}: success {result['eval/success']:.3f} "
                             f"plan {result.get('eval/success_plan', float('nan')):.3f} "
+                            f"reward prompting {result['eval/reward_success']:.3f} "
                             f"phi spearman {result['eval/phi_spearman']:.3f}")
             t_last = time.time()
         if stop:
@@ -504,7 +578,7 @@ def main(args):
     metrics_file.close()
     if writer is not None:
         writer.close()
-    return {"run_dir": run_dir, "agent": agent, "data": data, "env": env, **result}
+    return {"run_dir": run_dir, "agent": agent, "data": data, "env": env, "reward_prompting": prompting, **result}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ no-augmentation setting, no k=0 SPR term (weight 0 in the code), target encoder 
 of an update (the code: mid-forward), the Q target net draws its own noise, frames resized by
 gymnasium (INTER_AREA; rlpyt: bilinear) and no extra no-op frame after a life loss, a game
 interrupted by --resume is cut (its last transition is marked done). Kept from the code: the 5x-mean
-loss scale, per-module grad clipping, noisy bias sigma0/sqrt(out), zero-padded stacks after any done.
+loss scale, per-module grad clipping, noisy bias sigma0/sqrt(out), zero-padded stacks after any done,
+PER beta reaching 1 at step 100k also in shorter runs (so a short run is not annealed faster).
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -59,7 +60,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch, the env and the replay sampler"""
     output_dir: str = "runs"
-    """runs land in `{output_dir}/{spr|der}__{game}__{seed}__{time}/`"""
+    """runs land in `{output_dir}/{spr|der_aug|der}__{game}__{seed}__{time}/`"""
     resume: str = ""
     """a run directory to continue (model, optimizer, replay buffer, RNG and step come back)"""
     track: bool = False
@@ -85,7 +86,8 @@ class Args:
 
     # algorithm
     spr: bool = True
-    """the SPR loss; --no-spr is plain DER on the same code path"""
+    """the SPR loss; --no-spr: DER + augmentation on the same code path (run name der_aug), and with
+    --no-augmentation too: DER without augmentation (run name der), both with SPR's other hyperparameters"""
     augmentation: bool = True
     """aug(.) of spec §2 (random shift + intensity) on every encoder input during updates"""
     spr_weight: float = 5.0
@@ -123,7 +125,9 @@ class Args:
     per_alpha: float = 0.5
     """PER priority exponent alpha"""
     per_beta: float = 0.4
-    """PER importance exponent beta at learning start, annealed linearly to 1 at total_steps"""
+    """PER importance exponent beta at learning start, annealed linearly to 1 at `per_beta_steps`"""
+    per_beta_steps: int = 100_000
+    """agent step at which beta reaches 1 (official code: 100k, whatever the run's length)"""
     target_update_period: int = 1
     """updates between hard copies of the online net into the Q target net"""
     max_grad_norm: float = 10.0
@@ -137,8 +141,6 @@ class Args:
 
 
 # ---------------------------------------------------------------- objectives and pure helpers
-
-
 def spr_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(4) without lambda: mean_k m_k ||pred/|pred| - target/|target| ||^2 = mean_k m_k (2 - 2cos).
     pred, target: [B, K, D]; mask: [B, K] -> per-sample loss [B]. Normalised with eps 1e-3 (code)."""
@@ -201,8 +203,6 @@ def ema_(target: nn.Module, online: nn.Module, tau: float) -> None:
 
 
 # ---------------------------------------------------------------- network (spec §3)
-
-
 class NoisyLinear(nn.Module):
     """Factorised Gaussian noisy layer (Fortunato et al. 2018), SPR's init: mu ~ U(+-1/sqrt(in)),
     sigma_w = sigma0/sqrt(in), sigma_b = sigma0/sqrt(out). `noise=False` uses the mean weights."""
@@ -342,8 +342,6 @@ def compute_losses(net: SPRNetwork, q_target: SPRNetwork, spr_target: SPRNetwork
 
 
 # ---------------------------------------------------------------- prioritized replay of single frames
-
-
 class PrioritizedReplay:
     """Replay that stores one 84x84 frame per step (spec §8: not 4x stacks), with proportional PER.
     Item t = (newest frame of o_t, a_t, sign-clipped r_t, done_t). Stacks, the sequence o_t..o_{t+K},
@@ -430,8 +428,6 @@ class PrioritizedReplay:
 
 
 # ---------------------------------------------------------------- one update, evaluation, checkpoint
-
-
 def update(net, q_target, spr_target, optimizer, replay, args: Args, beta: float, loss_fn, n_updates: int) -> dict:
     """Spec §4.4 a-e: sample, losses, backward, clip, Adam step, priorities, target updates."""
     device = net.support.device
@@ -488,10 +484,8 @@ def save_checkpoint(run_dir: pathlib.Path, step: int, n_updates: int, nets: dict
 
 
 # ---------------------------------------------------------------- main
-
-
 def main(args: Args):
-    game, algo = game_name(args.env_id), "spr" if args.spr else "der"
+    game, algo = game_name(args.env_id), "spr" if args.spr else "der_aug" if args.augmentation else "der"
     # Ctrl-C and `kill` both checkpoint (SIGINT arrives ignored in jobs started with `&` or nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -546,7 +540,7 @@ def main(args: Args):
         return mean
 
     obs, _ = env.reset(seed=args.seed + start)
-    stats, t_env, t_update, window_start, step = [], 0.0, 0.0, time.perf_counter(), start
+    stats, t_env, t_update, window_start, step, beta = [], 0.0, 0.0, time.perf_counter(), start, args.per_beta
     pbar = tqdm(range(start, args.total_steps), initial=start, total=args.total_steps, desc=f"{algo} {game}")
     try:
         for step in pbar:
@@ -569,7 +563,7 @@ def main(args: Args):
 
             # ALGO LOGIC: learn
             if step >= args.learning_starts:
-                frac = (step - args.learning_starts) / max(1, args.total_steps - args.learning_starts)
+                frac = (step - args.learning_starts) / max(1, args.per_beta_steps - args.learning_starts)
                 beta = args.per_beta + (1 - args.per_beta) * min(1.0, frac)
                 t0 = time.perf_counter()
                 for _ in range(args.replay_ratio):
@@ -581,7 +575,8 @@ def main(args: Args):
                 elapsed = time.perf_counter() - window_start
                 m = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
                 log({**m, "perf/steps_per_s": args.log_every / elapsed, "perf/env_s": t_env / args.log_every,
-                     "perf/update_s": t_update / max(1, len(stats)), "perf/updates": n_updates}, step + 1)
+                     "perf/update_s": t_update / max(1, len(stats)), "perf/updates": n_updates,
+                     "train/per_beta": beta}, step + 1)
                 stats, t_env, t_update, window_start = [], 0.0, 0.0, time.perf_counter()
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.total_steps:
                 run_eval(step + 1, args.eval_episodes) if args.eval_episodes else None

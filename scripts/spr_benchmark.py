@@ -1,20 +1,29 @@
-"""SPR measurements: update timing and the SPR vs --no-spr comparison run.
+"""SPR measurements: update timing, and SPR vs its two baselines over several seeds.
 
-  python scripts/spr_benchmark.py timing                    # steps/s, env / update / SPR split, eager vs compile
-  python scripts/spr_benchmark.py compare --steps 20000     # SPR and DER (--no-spr) side by side, then `plot`
-  (in the background: nohup python scripts/spr_benchmark.py compare --steps 20000 > runs/spr_compare.log 2>&1 &)
-  python scripts/spr_benchmark.py plot                      # learning curves + table into docs/spr/
+  python scripts/spr_benchmark.py timing                      # ms/update, env / update / SPR split, eager vs compile
+  python scripts/spr_benchmark.py run --steps 5000 --seeds 1 2 3 4 --lock /tmp/cpu.lock   # resumable
+  python scripts/spr_benchmark.py table --steps 5000 --seeds 1 2 3 --tag _cpu_5k        # -> docs/spr/
+  python scripts/spr_benchmark.py plot --seed 1               # one seed's learning curves and speed table
 
+Methods (all `algos/spr.py`, one code path): `spr`; `der_aug` = --no-spr, i.e. DER + augmentation (the SPR
+paper's "Rainbow (controlled)" in its timing table); `der` = --no-spr --no-augmentation, DER without augmentation but with SPR's
+other hyperparameters (n = 10, 2 updates per step, target copy every update; the original DER used n = 20,
+1 update per step, a target update every 2000 steps and 1600 warm-up steps). `run` trains every (game, seed,
+method), two runs at a time with one thread each, skips finished runs, resumes unfinished ones from their
+checkpoints, and with --lock holds an exclusive flock on that file while the runs of one (game, seed) train.
+`table` reports per method the mean final evaluation return over seeds with a t-based 95 % interval, and
+the per-seed paired differences between methods (same seed = same warm-up data, initial weights and
+evaluation games) with their interval, and whether the SPR loss fell during training.
 `timing` fills a replay with real random-policy Atari steps, then times `algos.spr.update` (the exact
-training update) with and without the SPR loss, eager and torch.compile'd, and projects the wall time of
-a run. `compare` is resumable: run the same command again and unfinished runs continue from their
-checkpoints.
+training update) with and without the SPR loss, eager and torch.compile'd, and projects a run's wall time.
 """
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import copy
+import fcntl
 import json
+import math
 import os
 import platform
 import shlex
@@ -23,17 +32,38 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 
-from algos.spr import Args, PrioritizedReplay, SPRNetwork, compute_losses, update
+from algos.spr import Args, PrioritizedReplay, SPRNetwork, augment, compute_losses, update
 from shared.atari import RANDOM_SCORES, game_name, human_normalized_score, make_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "spr"
-# 100k-step scores: SPR from the paper (spec §7); DER as tabulated in mila-iqia/spr src/rlpyt_utils.py
-LABELS = {"spr": "SPR", "der": "DER (--no-spr)"}
-PAPER_100K = {"Boxing": (35.8, 0.2), "Breakout": (17.1, 1.9), "Kangaroo": (3276.4, 779.3), "Pong": (-5.9, -19.3),
-              "MsPacman": (1313.2, 1204.1), "Seaquest": (583.1, 354.1), "Alien": (801.5, 739.9)}
+METHODS = {  # run-name prefix (algos/spr.py) -> (label, flags)
+    "spr": ("SPR", []),
+    "der_aug": ("DER + augmentation (--no-spr)", ["--no-spr"]),
+    "der": ("DER, no augmentation (--no-spr --no-augmentation)", ["--no-spr", "--no-augmentation"]),
+}
+# 100k-step scores, 10 seeds in the SPR paper. SPR: spec §7 (the paper's table). DER: the original DER
+# (van Hasselt et al. 2019, no augmentation, its own hyperparameters) as tabulated in mila-iqia/spr
+# src/rlpyt_utils.py (atari_der_scores). DER + augmentation: no per-game number was found to set beside it.
+PAPER_100K = {
+    "spr": {"Pong": -5.9, "Breakout": 17.1, "Boxing": 35.8, "Kangaroo": 3276.4, "UpNDown": 28138.5,
+            "Frostbite": 1821.5, "CrazyClimber": 42923.6, "MsPacman": 1313.2, "Seaquest": 583.1, "Alien": 801.5,
+            "RoadRunner": 14220.5, "Qbert": 669.1},
+    "der": {"Alien": 739.9, "Amidar": 188.6, "Assault": 431.2, "Asterix": 470.8, "BankHeist": 51.0,
+            "BattleZone": 10124.6, "Boxing": 0.2, "Breakout": 1.9, "ChopperCommand": 861.8,
+            "CrazyClimber": 16185.3, "DemonAttack": 508.0, "Freeway": 27.9, "Frostbite": 866.8, "Gopher": 349.5,
+            "Hero": 6857.0, "Jamesbond": 301.6, "Kangaroo": 779.3, "Krull": 2851.5, "KungFuMaster": 14346.1,
+            "MsPacman": 1204.1, "Pong": -19.3, "PrivateEye": 97.8, "Qbert": 1152.9, "RoadRunner": 9600.0,
+            "Seaquest": 354.1, "UpNDown": 2877.4},
+    "der_aug": {},
+}
+PAPER_NAME = {"spr": "SPR", "der": "DER (original)", "der_aug": "none"}
+# two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (larger df: Cornish-Fisher expansion)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def device_name(device: torch.device) -> str:
@@ -142,45 +172,316 @@ def timing(env_id: str = "BoxingNoFrameskip-v4", updates: int = 20, warmup: int 
         pathlib.Path(out).write_text(text)
 
 
+def t_quantile(df: int) -> float:
+    """t_{0.975, df} for a two-sided 95 % interval."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and half-width of the t-based 95 % interval of the mean (nan half-width for one value)."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    return float(v.mean()), t_quantile(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Per-seed differences a[seed] - b[seed] over the seeds both have, their mean and 95 % interval."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, hw = t_interval(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "ci": hw}
+
+
+def read_metrics(run: pathlib.Path) -> list[dict]:
+    """metrics.jsonl; lines a resumed run logged again (same step and keys) keep their last value."""
+    lines = {}
+    for x in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(x)
+        lines[(rec["step"], tuple(sorted(rec)))] = rec
+    return sorted(lines.values(), key=lambda r: r["step"])
+
+
+def final_eval(lines: list[dict], steps: int) -> dict | None:
+    ev = [x for x in lines if "eval/return_mean" in x and x["step"] == steps]
+    return ev[-1] if ev else None
+
+
 def find_run(out_dir: pathlib.Path, algo: str, game: str, seed: int) -> pathlib.Path | None:
     runs = sorted(out_dir.glob(f"{algo}__{game}__{seed}__*"))
     return runs[-1] if runs else None
 
 
-def compare(env_id: str = "BoxingNoFrameskip-v4", steps: int = 20_000, seed: int = 1, eval_episodes: int = 10,
-            checkpoint_every: int = 1000, out_dir: str = "runs/spr_compare", parallel: bool = True, extra: str = ""):
-    """Run SPR and --no-spr (DER) on the same game and seed, then `plot`. Rerun to resume.
+def run(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: list[str] = list(METHODS),
+        steps: int = 5000, eval_episodes: int = 10, eval_every: int = 0, checkpoint_every: int = 1000,
+        threads: int = 1, parallel: int = 2, lock: str = "", out_dir: str = "runs/spr_bench", extra: str = ""):
+    """Train every (game, seed, method); finished runs are skipped, unfinished ones resumed from their checkpoint.
 
     Args:
-        env_id: the game.
+        games: game names (Boxing) or env ids.
+        seeds: seeds; each method runs every seed (paired comparisons).
+        methods: any of spr, der_aug, der.
         steps: agent steps per run.
-        seed: seed of both runs.
-        eval_episodes: final evaluation episodes (protocol: 100).
-        checkpoint_every: steps between checkpoints (what a killed run resumes from).
-        out_dir: where the two run directories go.
-        parallel: both runs at once, each with half the CPU threads.
-        extra: more flags for algos/spr.py as one string, e.g. --extra="--eval-every 5000".
+        eval_episodes: episodes of the final evaluation (protocol: 100).
+        eval_every: also evaluate every this many steps (0: only at the end).
+        checkpoint_every: steps between checkpoints (what an interrupted run resumes from).
+        threads: torch threads of each run.
+        parallel: runs of one (game, seed) at a time. Two one-thread runs use a 2-core CPU better than one
+            two-thread run and do not stall when another process takes a core (two threads do, badly).
+        lock: a file to flock exclusively while the runs of one (game, seed) train ("": no lock).
+        out_dir: where the run directories go; `runs.jsonl` there records each run's wall time.
+        extra: more flags for algos/spr.py as one string, e.g. --extra="--log-every 500".
     """
-    game, out = game_name(env_id), pathlib.Path(out_dir)
-    procs = []
-    threads = str(max(1, (os.cpu_count() or 2) // (2 if parallel else 1)))
-    for algo, flags in (("spr", []), ("der", ["--no-spr"])):
-        run = find_run(out, algo, game, seed)
-        cmd = [sys.executable, str(ROOT / "algos" / "spr.py"), "--env-id", env_id, "--seed", str(seed),
-               "--total-steps", str(steps), "--eval-episodes", str(eval_episodes), "--output-dir", str(out),
-               "--checkpoint-every", str(checkpoint_every), *flags, *shlex.split(extra)]
-        if run is not None and (run / "checkpoint" / "trainer_state.pt").exists():
-            cmd += ["--resume", str(run)]
-        print(" ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        p = subprocess.Popen(cmd, env=env, cwd=ROOT)
-        if parallel:
-            procs.append(p)
-        else:
-            p.wait()
-    for p in procs:
-        p.wait()
-    plot(env_id=env_id, seed=seed, out_dir=out_dir)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for game in games:
+        env_id = game if "-v" in game else f"{game}NoFrameskip-v4"
+        for seed in seeds:  # seed-major: an interrupted benchmark still holds complete pairs
+            todo = []
+            for algo in methods:
+                prev = find_run(out, algo, game_name(env_id), seed)
+                if prev is not None and final_eval(read_metrics(prev), steps) is not None:
+                    print(f"done already: {prev}", flush=True)
+                    continue
+                cmd = [sys.executable, str(ROOT / "algos" / "spr.py"), "--env-id", env_id, "--seed", str(seed),
+                       "--total-steps", str(steps), "--eval-episodes", str(eval_episodes), "--eval-every",
+                       str(eval_every), "--checkpoint-every", str(checkpoint_every), "--output-dir", str(out),
+                       *METHODS[algo][1], *shlex.split(extra)]
+                if prev is not None and (prev / "checkpoint" / "trainer_state.pt").exists():
+                    cmd += ["--resume", str(prev)]
+                todo.append((algo, cmd))
+            if not todo:
+                continue
+            with open(lock or os.devnull) as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX) if lock else None
+                running, failed = [], []
+                while todo or running:
+                    while todo and len(running) < parallel:
+                        algo, cmd = todo.pop(0)
+                        print(" ".join(cmd), flush=True)
+                        running.append((algo, cmd, time.time(), subprocess.Popen(cmd, env=env, cwd=ROOT)))
+                    time.sleep(1)
+                    for job in [j for j in running if j[3].poll() is not None]:
+                        running.remove(job)
+                        algo, cmd, t0, proc = job
+                        with open(out / "runs.jsonl", "a") as f:
+                            f.write(json.dumps({"algo": algo, "game": game_name(env_id), "seed": seed, "steps": steps,
+                                                "wall_s": time.time() - t0, "resumed": "--resume" in cmd,
+                                                "returncode": proc.returncode, "threads": threads, "parallel": parallel,
+                                                "end": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+                        if proc.returncode != 0:
+                            failed.append(algo)
+            if failed:
+                raise SystemExit(f"{game} seed {seed}: {', '.join(failed)} failed")
+
+
+@torch.no_grad()
+def spr_probe(run: pathlib.Path, batches: int = 8, batch_size: int = 64, seed: int = 0) -> dict:
+    """Does the run's transition model + predictor predict the future? With its final checkpoint and replay:
+    the cosine between yhat_{t+k} (from o_t and a_t..a_{t+k-1}) and the target ytil_{t+k} of the real o_{t+k},
+    against the cosine with the o_{t+k} of another sequence of the batch (shuffled), over k = 1..K and the
+    sequences whose o_{t+k} is in the same episode; augmentation as in training. The SPR loss of a step is
+    2 - 2 cos, so loss ratio = (1 - cos true) / (1 - cos shuffled) < 1 means the predictions carry
+    information about the real future. DER runs, whose transition model and predictor never train, are the
+    control (their target is the online net, as SPR's with tau = 0)."""
+    saved = json.loads((run / "args.json").read_text())
+    args = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", map_location="cpu", weights_only=False)
+    n_actions = state["net"]["transition.conv1.weight"].shape[1] - 64
+    net, target = SPRNetwork(n_actions, args), SPRNetwork(n_actions, args)
+    net.load_state_dict(state["net"])
+    target.load_state_dict(state["spr_target"] if args.spr else state["net"])
+    replay = PrioritizedReplay(args.buffer_size, max(args.jumps, args.n_step), args.per_alpha, seed)
+    replay.load_state_dict(torch.load(run / "checkpoint" / "replay.pt", weights_only=False))
+    torch.manual_seed(seed)
+    img = (lambda o: augment(o.float() / 255)) if args.augmentation else (lambda o: o.float() / 255)
+    sums = np.zeros(3)
+    for _ in range(batches):
+        b = replay.sample(batch_size, args.per_beta, args.jumps, args.n_step, args.gamma)
+        obs, actions, mask = (torch.as_tensor(b[k]) for k in ("obs", "actions", "spr_mask"))
+        zhat, latents = net.encode(img(obs[:, 0])), []
+        for k in range(args.jumps):
+            zhat = net.transition(zhat, actions[:, k])
+            latents.append(zhat)
+        pred = net.predictor(net.head.project(torch.stack(latents, 1).flatten(0, 1))).view(batch_size, args.jumps, -1)
+        ytil = target.head.project(target.encode(img(obs[:, 1:].flatten(0, 1)))).view(batch_size, args.jumps, -1)
+        perm = torch.roll(torch.arange(batch_size), 1)  # every sequence paired with another one
+        both = mask * mask[perm]
+        sums += [float((F.cosine_similarity(pred, ytil, dim=-1) * both).sum()),
+                 float((F.cosine_similarity(pred, ytil[perm], dim=-1) * both).sum()), float(both.sum())]
+    cos_true, cos_shuffled = sums[0] / sums[2], sums[1] / sums[2]
+    return {"cos_true": float(cos_true), "cos_shuffled": float(cos_shuffled),
+            "loss_ratio": float((1 - cos_true) / (1 - cos_shuffled))}
+
+
+def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list[str], steps: int) -> dict:
+    """Per (game, method, seed): final eval, HNS, SPR/TD loss at the first and last log window, wall time."""
+    walls = {}
+    if (out / "runs.jsonl").exists():
+        for x in map(json.loads, (out / "runs.jsonl").read_text().splitlines()):
+            if x["steps"] == steps:
+                key = (x["game"], x["algo"], x["seed"])
+                walls[key] = walls.get(key, 0.0) + x["wall_s"]
+    res = {}
+    for game in games:
+        for algo in methods:
+            for seed in seeds:
+                run_dir = find_run(out, algo, game, seed)
+                lines = read_metrics(run_dir) if run_dir else []
+                ev = final_eval(lines, steps)
+                if ev is None:
+                    continue
+                train = [x for x in lines if "train/td_loss" in x]
+                res[(game, algo, seed)] = {
+                    "run": str(run_dir), "return": ev["eval/return_mean"], "return_std": ev["eval/return_std"],
+                    "episodes": ev["eval/episodes"], "hns": human_normalized_score(game, ev["eval/return_mean"]),
+                    "evals": {x["step"]: x["eval/return_mean"] for x in lines if "eval/return_mean" in x},
+                    "spr_loss": [(x["step"], x["spr/loss"]) for x in train],
+                    "td_loss": [(x["step"], x["train/td_loss"]) for x in train],
+                    "wall_s": walls.get((game, algo, seed), float("nan")),
+                    "probe": spr_probe(run_dir) if (run_dir / "checkpoint" / "replay.pt").exists() else None}
+    return res
+
+
+def fmt(mean: float, hw: float, digits: int = 1) -> str:
+    return f"{mean:.{digits}f}" + ("" if math.isnan(hw) else f" ± {hw:.{digits}f}")
+
+
+def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: list[str] = list(METHODS),
+          steps: int = 5000, out_dir: str = "runs/spr_bench", tag: str = "", hardware: str = "",
+          command: str = "", docs: str = str(DOCS)) -> dict:
+    """Mean final evaluation over seeds with 95 % intervals, paired differences, SPR loss trend -> docs.
+
+    Args:
+        games: game names.
+        seeds: the seeds to report (runs missing a final evaluation are left out and named).
+        methods: methods to report.
+        steps: agent steps of the runs to report.
+        out_dir: where `run` put them.
+        tag: suffix of the file names written to `docs`.
+        hardware: what the runs ran on (default: this machine's CPU).
+        command: the `run` command line, quoted in the report.
+        docs: directory for benchmark{tag}.md / .json / .png.
+    """
+    games = [game_name(g) if "-v" in g else g for g in games]
+    res = collect(pathlib.Path(out_dir), games, seeds, methods, steps)
+    summary = {"steps": steps, "seeds": seeds, "runs": {"|".join(map(str, k)): v for k, v in res.items()},
+               "methods": {}, "paired": {}, "spr_loss": {}}
+    lines = [f"# SPR vs DER + augmentation vs DER on {', '.join(games)}: {steps} agent steps, seeds "
+             f"{', '.join(map(str, seeds))}", "",
+             "Final evaluation return per run (mean over its evaluation games), then mean over seeds with a "
+             "t-based 95 % interval (n = number of seeds). The paper column is 100k steps, 10 seeds.", "",
+             *(["**n = 1 (one seed per method): no interval can be computed and a single paired difference cannot "
+                "separate two methods; every figure below describes that one seed only.**", ""]
+               if len(seeds) < 2 else []),
+             "| game | method | n | per seed | mean ± 95 % CI | HNS of the mean | random | paper 100k |",
+             "|---|---|---|---|---|---|---|---|"]
+    for game in games:
+        for algo in methods:
+            per = {s: res[(game, algo, s)]["return"] for s in seeds if (game, algo, s) in res}
+            if not per:
+                continue
+            mean, hw = t_interval(list(per.values()))
+            summary["methods"][f"{game}|{algo}"] = {"per_seed": per, "mean": mean, "ci": hw}
+            paper = PAPER_100K[algo].get(game)
+            lines.append(f"| {game} | {METHODS[algo][0]} | {len(per)} | " + ", ".join(f"{v:.1f}" for v in per.values())
+                         + f" | {fmt(mean, hw)} | {human_normalized_score(game, mean):.2f} | {RANDOM_SCORES[game]} | "
+                         + (f"{paper} ({PAPER_NAME[algo]})" if paper is not None else "—") + " |")
+    lines += ["", "Paired differences (same seed: same warm-up data, initial weights and evaluation games); an "
+              "interval that contains 0 does not separate the two methods:", "",
+              "| game | difference | seeds | per seed | mean ± 95 % CI | separated? |", "|---|---|---|---|---|---|"]
+    for game in games:
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                get = lambda m: {s: res[(game, m, s)]["return"] for s in seeds if (game, m, s) in res}
+                d = paired(get(a), get(b))
+                if not d["seeds"]:
+                    continue
+                summary["paired"][f"{game}|{a}-{b}"] = d
+                sep = "—" if math.isnan(d["ci"]) else ("yes" if abs(d["mean"]) > d["ci"] else "no")
+                lines.append(f"| {game} | {a} − {b} | {len(d['seeds'])} | " + ", ".join(f"{x:+.1f}" for x in d["diffs"])
+                             + f" | {fmt(d['mean'], d['ci'])} | {sep} |")
+    if len(games) > 1:  # per seed, the mean HNS over games, then the interval over seeds
+        lines += ["", "| method | mean HNS over games, mean ± 95 % CI over seeds |", "|---|---|"]
+        for algo in methods:
+            hns = [np.mean([res[(g, algo, s)]["hns"] for g in games]) for s in seeds
+                   if all((g, algo, s) in res for g in games)]
+            if hns:
+                lines.append(f"| {METHODS[algo][0]} | {fmt(*t_interval(hns), digits=3)} |")
+    if "spr" in methods:
+        lines += ["", "SPR loss (λ L_SPR, mean over the log window) in the first and the last window of training:", "",
+                  "| game | seed | first window (step) | last window (step) | fell? | every window (step: loss) |",
+                  "|---|---|---|---|---|---|"]
+        for game in games:
+            for s in seeds:
+                r = res.get((game, "spr", s))
+                if r and r["spr_loss"]:
+                    (s0, l0), (s1, l1) = r["spr_loss"][0], r["spr_loss"][-1]
+                    summary["spr_loss"][f"{game}|{s}"] = {"first": l0, "last": l1, "first_step": s0, "last_step": s1}
+                    lines.append(f"| {game} | {s} | {l0:.3f} ({s0}) | {l1:.3f} ({s1}) | {'yes' if l1 < l0 else 'no'} | "
+                                 + ", ".join(f"{st}: {v:.3f}" for st, v in r["spr_loss"]) + " |")
+    probes = {k: r["probe"] for k, r in res.items() if r["probe"]}
+    if probes:
+        lines += ["", "Does the transition model predict the future? (`spr_probe`: final checkpoint, 512 sequences "
+                  "from the run's replay; cosine of yhat_{t+k} with the target of the real o_{t+k} and with that of "
+                  "another sequence; loss ratio = (1 - cos true) / (1 - cos shuffled), < 1: informative. The "
+                  "DER runs never train their transition model and predictor: the control.)", "",
+                  "| game | method | seed | cos true | cos shuffled | loss ratio |", "|---|---|---|---|---|---|"]
+        for (g, m, sd), pr in sorted(probes.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1]), kv[0][2])):
+            lines.append(f"| {g} | {METHODS[m][0]} | {sd} | {pr['cos_true']:.4f} | {pr['cos_shuffled']:.4f} | "
+                         f"{pr['loss_ratio']:.3f} |")
+    missing = [f"{g} {m} seed {s}" for g in games for m in methods for s in seeds if (g, m, s) not in res]
+    walls = [r["wall_s"] for r in res.values() if not math.isnan(r["wall_s"])]
+    lines += ["", f"Missing runs: {', '.join(missing) if missing else 'none'}."]
+    if walls:
+        per_method = {m: sum(r["wall_s"] for k, r in res.items() if k[1] == m and not math.isnan(r["wall_s"]))
+                      for m in methods}
+        lines.append(f"Wall time of the runs (training + evaluation, from runs.jsonl): {sum(walls) / 3600:.2f} h in all ("
+                     + ", ".join(f"{m} {v / 60:.0f} min" for m, v in per_method.items()) + ").")
+    lines.append(f"Hardware: {hardware or device_name(torch.device('cpu'))}.")
+    if command:
+        lines.append(f"Command: `{command}`, then `python scripts/spr_benchmark.py table ...` for this file.")
+    docs_dir = pathlib.Path(docs)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    (docs_dir / f"benchmark{tag}.md").write_text("\n".join(lines) + "\n")
+    (docs_dir / f"benchmark{tag}.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    if res:
+        plot_benchmark(res, games, seeds, methods, docs_dir / f"benchmark{tag}.png")
+    print("\n".join(lines))
+    return summary
+
+
+def plot_benchmark(res: dict, games: list[str], seeds: list[int], methods: list[str], path: pathlib.Path):
+    """Per game: the final evaluation of every seed and the mean ± CI per method; SPR and TD loss curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(games), 2, figsize=(11, 3.6 * len(games)), squeeze=False)
+    for row, game in zip(axes, games):
+        for x, algo in enumerate(methods):
+            v = [res[(game, algo, s)]["return"] for s in seeds if (game, algo, s) in res]
+            if v:
+                mean, hw = t_interval(v)
+                row[0].plot([x] * len(v), v, "o", alpha=0.5)
+                row[0].errorbar([x + 0.15], [mean], [[0 if math.isnan(hw) else hw]], fmt="s", color="k", capsize=4)
+        row[0].axhline(RANDOM_SCORES[game], color="gray", ls="--", label="random")
+        row[0].set_xticks(range(len(methods)), [METHODS[m][0].split(" (")[0] for m in methods])
+        row[0].set(ylabel="final eval return", title=f"{game}: seeds (dots), mean ± 95 % CI (squares)")
+        row[0].legend()
+        for s in seeds:
+            r = res.get((game, "spr", s))
+            if r and r["spr_loss"]:
+                row[1].plot(*zip(*r["spr_loss"]), label=f"SPR loss, seed {s}")
+        row[1].set(xlabel="agent steps", ylabel="λ L_SPR (log-window mean)", title=f"{game}: SPR loss")
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_phases(spec: str) -> list[tuple[str, str, int, int]]:
@@ -204,18 +505,18 @@ def speed_rows(lines: list[dict], first_full_window: int, lo: int, hi: int) -> t
                  (("perf/steps_per_s", 1), ("perf/env_s", 1e3), ("perf/update_s", 1e3)))
 
 
-def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "runs/spr_compare", hardware: str = "",
+def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "runs/spr_bench", hardware: str = "",
          tag: str = "", speed_phases: str = ""):
     """Learning curves (raw training game returns and their moving average; evaluations with error bars) and tables.
 
     Args:
         env_id: the game.
         seed: seed of the runs to plot.
-        out_dir: where `compare` put the runs.
+        out_dir: where `run` put the runs.
         hardware: what the runs ran on (default: this machine's CPU).
         tag: suffix of the file names in docs/spr/.
         speed_phases: "name:lo-hi;spr=name:lo-hi": step ranges whose speeds are reported apart (e.g. when a run
-            was resumed with more threads), a "spr=" or "der=" prefix for one run only; default: the whole run.
+            was resumed with more threads), a "spr=", "der_aug=" or "der=" prefix for one run only; default: the whole run.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -224,13 +525,12 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
     game, out = game_name(env_id), pathlib.Path(out_dir)
     DOCS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    rows = [f"# SPR vs DER (--no-spr) on {game}, seed {seed}: a SHORT run, not the 100k protocol", "",
+    rows = [f"# {' vs '.join(METHODS[m][0] for m in METHODS)} on {game}, seed {seed}: a SHORT run, not the 100k protocol", "",
             "| method | agent steps | final eval return (mean ± std, episodes) | eval HNS | random | "
             "last ≤10 training games | paper 100k |", "|---|---|---|---|---|---|---|"]
-    paper = PAPER_100K.get(game, (float("nan"), float("nan")))
     evals, speeds = {}, {}  # label -> {step: eval record}; (algo, phase) -> speed_rows(...)
-    for (algo, label), paper_score in zip(LABELS.items(), paper):
-        run = find_run(out, algo, game, seed)
+    for algo, (label, _) in METHODS.items():
+        run, paper_score = find_run(out, algo, game, seed), PAPER_100K[algo].get(game, "—")
         if run is None:
             continue
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -262,33 +562,34 @@ def plot(env_id: str = "BoxingNoFrameskip-v4", seed: int = 1, out_dir: str = "ru
             if only in ("", algo):
                 speeds[(algo, name)] = speed_rows(lines, first_full_window, lo, hi)
     ax.axhline(RANDOM_SCORES[game], color="gray", ls="--", label="random")
-    ax.set(xlabel="agent steps", ylabel="game return (raw)", title=f"{game}: SPR vs DER, seed {seed}")
+    ax.set(xlabel="agent steps", ylabel="game return (raw)", title=f"{game}: seed {seed}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(DOCS / f"learning_curves_{game}{tag}.png", dpi=120)
     labels = list(evals)
     common = sorted(set.intersection(*(set(v) for v in evals.values()))) if evals else []
     if common:
-        rows += ["", "Evaluations at the steps both runs reached (mean ± std of the raw return):", "",
+        rows += ["", "Evaluations at the steps all runs reached (mean ± std of the raw return):", "",
                  "| agent steps | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         rows += [f"| {st} | " + " | ".join(f"{evals[k][st]['eval/return_mean']:.1f} ± {evals[k][st]['eval/return_std']:.1f}"
                                            for k in labels) + " |" for st in common]
     rows += ["", "Speed: medians over the 1000-step log windows after warm-up (a window holding an evaluation "
-             "is slower). SPR part = SPR's update time minus DER's in the same phase.", "",
+             "is slower). SPR part = SPR's update time minus DER + augmentation's in the same phase.", "",
              "| method | phase | steps/s | env + acting ms/step | ms/update | SPR part ms/update |",
              "|---|---|---|---|---|---|"]
     for (algo, name), (sps, env_ms, upd_ms) in speeds.items():
         part = ""
-        if algo == "spr" and ("der", name) in speeds:
-            spr_ms = upd_ms - speeds[("der", name)][2]
+        if algo == "spr" and ("der_aug", name) in speeds:  # the same update without the SPR loss
+            spr_ms = upd_ms - speeds[("der_aug", name)][2]
             part = f"{spr_ms:.0f} ({spr_ms / upd_ms:.0%})"
-        rows.append(f"| {LABELS[algo]} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
+        rows.append(f"| {METHODS[algo][0]} | {name} | {sps:.2f} | {env_ms:.1f} | {upd_ms:.0f} | {part} |")
     rows += ["", f"hardware: {hardware or device_name(torch.device('cpu'))}; "
-             "paper column: 100k steps, mean of 10 seeds (SPR: spec §7; DER: mila-iqia/spr table). "
+             "paper column: 100k steps, mean of 10 seeds (SPR: spec §7; DER, original, no augmentation: "
+             "mila-iqia/spr table; none for DER + augmentation). "
              f"Plot: learning_curves_{game}{tag}.png"]
     (DOCS / f"results_{game}{tag}.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
 
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"timing": timing, "compare": compare, "plot": plot})
+    tyro.extras.subcommand_cli_from_dict({"timing": timing, "run": run, "table": table, "plot": plot})

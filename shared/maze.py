@@ -273,15 +273,26 @@ class Maze2D:
             done |= np.linalg.norm(xy - goal, axis=-1) <= self.goal_radius
         return done, np.stack(path, 1), ret
 
-    def reward_fns(self):
-        """A few reward functions r(s, s') on the maze for reward prompting (xy = obs[..., :2]); reach_far_cell
-        pays 1 per step near the goal of the last (longest) task, evaluated from that task's start."""
-        far = self.cell_center(self.tasks[-1][1])
-        return {
-            "east": lambda s, s2: s2[..., 0] - s[..., 0],
-            "south": lambda s, s2: s2[..., 1] - s[..., 1],
-            "reach_far_cell": lambda s, s2: (np.linalg.norm(s2[..., :2] - far, axis=-1) <= self.goal_radius) * 1.0,
-        }
+    def reward_tasks(self, to_grid=None, radius=None):
+        """Reward functions r(s, s') for reward prompting, each with the region where a return-maximising
+        agent ends up: name -> (r, in_target(obs) -> bool). Directional rewards pay the displacement along
+        one axis (east: r = x' - x; south: rows grow downwards, r = y' - y), their target is the extreme free
+        column or row; reach_<row>_<col> pays 1 per step within `radius` of that cell's centre (the evaluation
+        tasks' goal cells), its target is the cell. `to_grid` maps obs[..., :2] to maze coordinates (PointMaze)."""
+        grid = (lambda o: np.asarray(o)[..., :2]) if to_grid is None else (lambda o: to_grid(np.asarray(o)[..., :2]))
+        radius = self.goal_radius if radius is None else radius
+        free = np.argwhere(self.grid == 0)  # (row, col)
+        tasks = {}
+        for name, axis, sign in (("east", 0, 1.0), ("west", 0, -1.0), ("south", 1, 1.0), ("north", 1, -1.0)):
+            line = free[:, 1 - axis].max() if sign > 0 else free[:, 1 - axis].min()  # extreme column / row
+            tasks[name] = (lambda s, s2, a=axis, k=sign: k * (grid(s2)[..., a] - grid(s)[..., a]),
+                           lambda o, a=axis, c=line: np.floor(grid(o)[..., a]).astype(np.int64) == c)
+        for cell in dict.fromkeys(goal for _, goal in self.tasks):
+            c = self.cell_center(cell)
+            tasks[f"reach_{cell[0]}_{cell[1]}"] = (
+                lambda s, s2, c=c: (np.linalg.norm(grid(s2) - c, axis=-1) <= radius) * 1.0,
+                lambda o, cell=cell: np.all(np.stack(self.xy_to_cell(grid(o)), -1) == cell, -1))
+        return tasks
 
     def walls(self):
         """[(x0, y0, w, h)] rectangles of the wall cells, for plotting."""

@@ -1,5 +1,5 @@
 """gymnasium-robotics PointMaze (MuJoCo) behind the same interface as `shared.maze.Maze2D`:
-`collect`, `rollout`, `goal_obs`, `tasks`, `reward_fns`, `geodesic`, `walls`, obs_dim/act_dim.
+`collect`, `rollout`, `goal_obs`, `tasks`, `reward_tasks`, `geodesic`, `walls`, obs_dim/act_dim.
 
 Observation = obs["observation"] = (x, y, vx, vy); the env's desired_goal is not part of the data.
 Collection follows D4RL/Minari's PointMaze recipe: continuing_task=True, reset_target=True (a new
@@ -107,13 +107,9 @@ class PointMaze:
             e.close()
         return done, np.stack(path, 1), ret
 
-    def reward_fns(self):
-        far = self.from_grid(self.grid_maze.cell_center(self.tasks[-1][1]))
-        return {
-            "east": lambda s, s2: s2[..., 0] - s[..., 0],
-            "north": lambda s, s2: s2[..., 1] - s[..., 1],
-            "reach_far_cell": lambda s, s2: (np.linalg.norm(s2[..., :2] - far, axis=-1) <= 0.45) * 1.0,
-        }
+    def reward_tasks(self):
+        """Maze2D's reward tasks on the same cell map (north = +y here = towards row 0), success radius 0.45."""
+        return self.grid_maze.reward_tasks(to_grid=self.to_grid, radius=0.45)
 
     def walls(self):
         return [(j - self.x_center, self.y_center - i - 1, 1.0, 1.0) for i, j in np.argwhere(self.grid_maze.grid == 1)]

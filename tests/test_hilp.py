@@ -205,6 +205,64 @@ def test_update_polyak_and_phi_untouched_by_policy_terms():
         torch.testing.assert_close(p1.grad, p2.grad)
 
 
+# ---- the value target and the intrinsic reward, through losses() (planted-bug checks)
+def _linear_phi_agent(scales_online, scales_target, **kw):
+    """A HILP agent on 2-D states whose phi nets are phi_i(x) = scale_i * x (online and target)."""
+    args = small_args(latent_dim=2, **kw)
+    agent = hilp.HILP(2, 2, args)
+    for ens, scales in ((agent.phi, scales_online), (agent.phi_target, scales_target)):
+        ens.nets = torch.nn.ModuleList([torch.nn.Linear(2, 2, bias=False) for _ in scales])
+        with torch.no_grad():
+            for net, c in zip(ens.nets, scales):
+                net.weight.copy_(c * torch.eye(2))
+    return agent, args
+
+
+def _hand_batch(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, g_ = torch.rand(n, 2, generator=g) * 6, torch.rand(n, 2, generator=g) * 6
+    s2 = s + 0.4 * (torch.rand(n, 2, generator=g) - 0.5)
+    mask = (torch.rand(n, generator=g) < 0.8).float()
+    return {"obs": s, "act": torch.rand(n, 2, generator=g) * 2 - 1, "next_obs": s2, "goal": g_,
+            "reward": mask - 1.0, "mask": mask}
+
+
+def test_phi_loss_through_losses_bootstraps_from_the_min_of_the_two_target_nets():
+    """E4 through `losses()` with linear phi nets: the expectile weight comes from
+    r + gamma m min_i Vbar_i(s', g) - mean_i Vbar_i(s, g); the mean of the two would weight other samples."""
+    agent, args = _linear_phi_agent((1.0, 2.0), (1.0, 3.0), expectile=0.9)
+    b = _hand_batch()
+    dist = lambda c, x, y: torch.sqrt(torch.clamp(((c * x - c * y) ** 2).sum(-1), min=1e-6))
+    v = torch.stack([-dist(c, b["obs"], b["goal"]) for c in (1.0, 2.0)])
+    vt = torch.stack([-dist(c, b["obs"], b["goal"]) for c in (1.0, 3.0)])
+    nvt = torch.stack([-dist(c, b["next_obs"], b["goal"]) for c in (1.0, 3.0)])
+
+    def expected(reduce):
+        adv = b["reward"] + args.discount * b["mask"] * reduce(nvt) - vt.mean(0)
+        w = torch.where(adv >= 0, 0.9, 0.1)
+        return (w * (b["reward"] + args.discount * b["mask"] * nvt - v) ** 2).mean(-1).sum()
+
+    terms, _ = hilp.losses(agent, b, hilp.sample_skills(len(b["obs"]), 2), args)
+    with_min, with_mean = expected(lambda t: t.min(0).values), expected(lambda t: t.mean(0))
+    assert abs(with_min - with_mean) > 0.05 * with_min  # the test can tell the two apart
+    torch.testing.assert_close(terms["phi"], with_min)
+
+
+def test_losses_use_the_intrinsic_reward_phi_next_minus_phi_s():
+    """E5-E6 through `losses()`: r_z = (phi_1(s') - phi_1(s))^T z in the logged reward and in the critic target."""
+    agent, args = _linear_phi_agent((1.0, 2.0), (1.0, 3.0))
+    b = _hand_batch()
+    b["next_obs"] = b["next_obs"] + 0.2  # a drift south-east, and one z along it: E[r_z] is clearly positive
+    z = torch.full((len(b["obs"]), 2), 2 ** -0.5)
+    terms, info = hilp.losses(agent, b, z, args)
+    r_z = ((b["next_obs"] - b["obs"]) * z).sum(-1)  # phi_1 = identity
+    assert r_z.mean() > 0.2 and info["hilp/intrinsic_reward"] == pytest.approx(r_z.mean().item(), abs=1e-6)
+    with torch.no_grad():
+        next_v = agent.value(torch.cat([b["next_obs"], z], -1)).squeeze(-1)
+        q = agent.critic(torch.cat([b["obs"], z, b["act"]], -1)).squeeze(-1)
+    torch.testing.assert_close(terms["critic"], ((r_z + args.skill_discount * next_v - q) ** 2).mean(-1).sum())
+
+
 # ---- §8.7 skills
 def test_skills_unit_norm_isotropic_and_resampled(monkeypatch):
     z = hilp.sample_skills(20_000, 32)
@@ -231,9 +289,63 @@ def test_reward_prompt_recovers_planted_z():
     z_true = torch.randn(32, generator=g)
     z_true = z_true / z_true.norm()
     reward = 3.0 * phitil @ z_true + 0.1 * torch.randn(10_000, generator=g)
-    z_hat = hilp.reward_prompt(phitil, reward)
-    assert z_hat.norm().item() == pytest.approx(1.0)
+    z_hat, w = hilp.reward_prompt(phitil, reward)
+    assert z_hat.norm().item() == pytest.approx(1.0) and w.norm().item() == pytest.approx(3.0, rel=0.01)
     assert (z_hat @ z_true).item() > 0.99
+    z_ridge, _ = hilp.reward_prompt(phitil, reward, ridge=0.1)  # isotropic features: ridge only shrinks w
+    assert (z_ridge @ z_true).item() > 0.99
+
+
+def test_whitened_skills_are_reward_prompts_for_one_transition_rewards():
+    """E5 option: row j of whitened_skills(X) is E7's z for the reward 1[i = j] (any ridge)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g) @ torch.diag(torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1, 0.01]))
+    for ridge in (0.0, 0.01):
+        z = hilp.whitened_skills(x, ridge)
+        for j in (0, 17, 299):
+            torch.testing.assert_close(z[j], hilp.reward_prompt(x, torch.eye(300)[j], ridge)[0], atol=1e-5, rtol=0)
+    assert hilp.prompt_features(x[:, :2], x[:, 2:4], "diff").equal(x[:, 2:4] - x[:, :2])
+    nxt = hilp.prompt_features(x[:, :2], x[:, 2:4], "next")  # centred: [phi(s'), 1] with the constant projected out
+    torch.testing.assert_close(nxt.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_update_mixes_whitened_skills_into_the_batch(monkeypatch):
+    """--skill-mix-ratio 1: every z of the update is a whitened feature of the batch (E5 option); 0: none is."""
+    torch.manual_seed(0)
+    for ratio, feature in ((1.0, "next"), (0.0, "diff")):
+        args = small_args(skill_mix_ratio=ratio, reward_prompt_feature=feature)
+        agent = hilp.HILP(2, 2, args)
+        opt = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr)
+        batch, seen = _batch(args), []
+        orig = hilp.losses
+        monkeypatch.setattr(hilp, "losses", lambda ag, b, z, a: seen.append(z) or orig(ag, b, z, a))
+        whitened = hilp.whitened_skills(hilp.prompt_features(agent.embed(batch["obs"]), agent.embed(batch["next_obs"]),
+                                                             feature), 0.0)
+        hilp.update(agent, opt, batch, args)
+        monkeypatch.undo()
+        match = (seen[0][:, None] - whitened[None]).abs().amax(-1).min(1).values < 1e-5  # z_i is some row of it
+        assert match.all() if ratio == 1.0 else not match.any()
+        torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(len(seen[0])))
+
+
+def test_reward_prompting_recovers_a_planted_goal_direction():
+    """Through the evaluation's reward_prompting: with r = (phi(s') - phi(s))^T z_goal on the dataset, the
+    regression gives back z_goal (cosine > 0.95), also with a small ridge, and R^2 ~ 1."""
+    torch.manual_seed(0)
+    args = small_args(reward_prompt_samples=3000, eval_episodes=1)
+    agent = hilp.HILP(2, 2, args)
+    maze = Maze2D("medium")
+    data = maze.collect("diverse", 30, 200, seed=0)
+    embed = lambda o: agent.embed(torch.as_tensor(o, dtype=torch.float32))
+    z_goal = hilp.goal_prompt(embed(maze.cell_center((1, 1))[None]), embed(maze.cell_center((6, 6))[None]))[0]
+    reward = lambda s, s2: ((embed(s2) - embed(s)) @ z_goal).numpy()
+    maze.reward_tasks = lambda: {"planted": (reward, lambda o: np.zeros(np.shape(o)[:-1], bool))}
+    for ridge in (0.0, 1e-3):
+        args.reward_prompt_ridge = ridge
+        out, details = hilp.reward_prompting(agent, maze, data, args, np.random.default_rng(0))
+        cos = torch.tensor(details["planted"]["z"]) @ z_goal
+        assert cos > 0.95 and details["planted"]["r2"] > 0.95, (ridge, cos)
+    assert len(details["singular_values"]) == args.latent_dim and "eval/reward_prompt_cond" in out
 
 
 def test_goal_prompt_is_unit_direction():
@@ -271,6 +383,22 @@ def test_planning_routes_around_walls():
     assert maze.geodesic(xy[k], s) == pytest.approx(maze.geodesic(s, g) / 2, abs=1)
 
 
+# ---- end to end: goal reaching on the small 2D maze, well above the random policy
+@pytest.mark.slow
+def test_goal_reaching_on_the_umaze_is_well_above_random(tmp_path):
+    torch.manual_seed(0)
+    args = small_args(env="maze2d-umaze", dataset_episodes=100, dataset_episode_len=200, data_dir=str(tmp_path / "data"),
+                      output_dir=str(tmp_path), total_steps=5000, eval_every=5000, checkpoint_every=5000, log_every=500,
+                      eval_episodes=20, hidden_dim=64, latent_dim=16, batch_size=256, planning=False,
+                      reward_prompt_samples=2000)
+    res = hilp.main(args)
+    env = res["env"]
+    task_ids = np.repeat(np.arange(len(env.tasks)), args.eval_episodes)
+    rng = np.random.default_rng(0)
+    random_success, _, _ = env.rollout(lambda o, g: rng.uniform(-1, 1, (len(o), 2)), task_ids, seed=args.seed)
+    assert res["eval/success"] >= random_success.mean() + 0.4, (res["eval/success"], random_success.mean())
+
+
 # ---- smoke runs and resume
 def _run(*extra, out):
     cmd = [sys.executable, str(ROOT / "algos" / "hilp.py"), "--env", "maze2d-umaze", "--dataset-episodes", "20",
@@ -295,7 +423,10 @@ def test_smoke_run_and_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in m if "train/loss" in r] == [10, 20, 30, 40]
     final = [r for r in m if "eval/success" in r][-1]
     assert final["step"] == 40 and 0.0 <= final["eval/success"] <= 1.0 and "eval/success_plan" in final
-    assert "eval/reward_return/east" in final and np.isfinite(final["eval/phi_spearman"])
+    assert "eval/reward_return/east" in final and "eval/reward_success/reach_1_3" in final
+    assert np.isfinite(final["eval/phi_spearman"]) and np.isfinite(final["eval/reward_r2/east"])
+    prompting = json.load(open(run_a / "reward_prompting.json"))
+    assert prompting["step"] == 40 and len(prompting["singular_values"]) == 8 and "argmax_state" in prompting["east"]
     assert json.load(open(run_a / "args.json"))["total_steps"] == 40
     state_a = torch.load(run_a / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state_a["step"] == 40

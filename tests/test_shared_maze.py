@@ -84,10 +84,25 @@ def test_tasks_solvable_by_oracle_not_by_random(medium):
 
 
 def test_reward_rollout_returns(medium):
-    east = medium.reward_fns()["east"]
+    east = medium.reward_tasks()["east"][0]
     _, path, ret = medium.rollout(lambda o, g: np.tile([1.0, 0.0], (len(o), 1)), np.arange(5), seed=0, reward_fn=east)
     np.testing.assert_allclose(ret, path[:, -1, 0] - path[:, 0, 0])  # telescoping x displacement
     assert (ret >= 0).all()
+
+
+def test_reward_tasks_and_their_target_regions(medium):
+    tasks = medium.reward_tasks()
+    assert list(tasks)[:4] == ["east", "west", "south", "north"] and len(tasks) == 9  # + the 5 task goal cells
+    s, s2 = np.array([[2.5, 3.5]]), np.array([[2.7, 3.4]])
+    assert [tasks[k][0](s, s2)[0] for k in ("east", "west", "south", "north")] == pytest.approx([0.2, -0.2, -0.1, 0.1])
+    centres = medium.cell_center(np.array(medium.free_cells))
+    rows, cols = np.array(medium.free_cells).T
+    for name, expect in (("east", cols == 6), ("west", cols == 1), ("south", rows == 6), ("north", rows == 1),
+                         ("reach_6_3", (rows == 6) & (cols == 3))):
+        np.testing.assert_array_equal(tasks[name][1](centres), expect)
+    reach = tasks["reach_6_3"][0]
+    c = medium.cell_center((6, 3))
+    assert reach(c[None], (c + [0.4, 0.0])[None])[0] == 1.0 and reach(c[None], (c + [0.6, 0.0])[None])[0] == 0.0
 
 
 def test_spearman():
@@ -116,3 +131,7 @@ def test_pointmaze_collect_and_oracle():
     assert success.all() and path.shape == (5, pm.horizon + 1, 2)
     success, _, _ = pm.rollout(lambda o, g: rng.uniform(-1, 1, (len(o), 2)), np.arange(5), seed=0)
     assert success.mean() < 0.5
+    tasks = pm.reward_tasks()  # north is +y in MuJoCo coordinates, towards row 1 of the map
+    o = np.array([[0.0, 0.0, 0.0, 0.0]])
+    assert tasks["north"][0](o, o + [0.0, 0.1, 0.0, 0.0])[0] == pytest.approx(0.1)
+    assert tasks["north"][1](pm.from_grid(pm.grid_maze.cell_center((1, 1)))) and not tasks["south"][1](o[0, :2])

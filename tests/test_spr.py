@@ -26,6 +26,7 @@ from algos.spr import (
     n_step_returns,
     renormalize,
     spr_loss,
+    update,
 )
 from shared.atari import make_env
 
@@ -105,6 +106,46 @@ def test_target_branch_gets_no_gradient_and_follows_tau_rule():
         assert torch.allclose(p_m, 0.99 * p_old + 0.01 * p_o)
     ema_(spr_target.encoder, net.encoder, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(spr_target.encoder.parameters(), net.encoder.parameters()))
+
+
+def test_update_moves_the_target_encoder_and_projection_by_tau():
+    """Through `update()`: theta_m <- tau theta_m + (1 - tau) theta_o with the online weights from before
+    the step, for tau = 0 (the augmented default: a copy) and an EMA (fails if 1 - tau is passed)."""
+    for tau in (0.0, 0.7):
+        args, net, q_target, spr_target = nets(tau=tau, batch_size=4)
+        with torch.no_grad():
+            for p in spr_target.parameters():
+                p.add_(torch.randn_like(p))  # target != online
+        old = {k: v.clone() for k, v in spr_target.named_parameters()}
+        online = {k: v.clone() for k, v in net.named_parameters()}
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        update(net, q_target, spr_target, opt, filled_replay(), args, 0.4, compute_losses, 0)
+        moved = [k for k in old if k.startswith(("encoder.", "head."))]
+        assert len(moved) > 10 and not torch.equal(net.encoder[0].weight, online["encoder.0.weight"])
+        for k, p in spr_target.named_parameters():
+            expected = tau * old[k] + (1 - tau) * online[k] if k in moved else old[k]  # h, q: not used as targets
+            torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-6, msg=f"tau {tau}: {k}")
+
+
+def test_update_bootstraps_the_c51_target_with_gamma_to_the_n():
+    """Through `update()`: with the Q heads' weights zeroed, the online pmf is softmax(z_j) for every input
+    and action and the target net puts its mass on V_max, so td = logsumexp(z) - E_m[z] and the projected
+    target must have mean E_m[z] = G + gamma^n V_max (gamma^(n-1) would give 0.39 more here)."""
+    A, t, n, gamma = 4, 20, 10, 0.9
+    replay = filled_replay(60, A)  # reward 1 every third step, no done
+    only(replay, t)
+    args, net, q_target, spr_target = nets(A, spr=False, augmentation=False, gamma=gamma, n_step=n, batch_size=4)
+    for model, logits in ((net, net.support), (q_target, 100.0 * (net.support == 10).float())):
+        with torch.no_grad():
+            for layer in (model.head.value1, model.head.value2, model.head.adv1, model.head.adv2):
+                for p in layer.parameters():
+                    p.zero_()
+            model.head.value2.bias_mu.copy_(logits)
+    out = update(net, q_target, spr_target, torch.optim.SGD(net.parameters(), lr=0.0), replay, args, 0.4,
+                 compute_losses, 0)
+    G = sum(gamma ** i * replay.rewards[t + i] for i in range(n))
+    mean_target = torch.logsumexp(net.support, 0).item() - out["train/td_loss"]
+    assert mean_target == pytest.approx(G + gamma ** n * 10.0, abs=1e-3)
 
 
 # ---- §9.3 rollout alignment
@@ -273,6 +314,8 @@ def test_smoke_run_writes_metrics_and_checkpoint_and_resume_continues(tmp_path):
     losses = [x for x in lines if "spr/loss" in x]
     assert losses and all(np.isfinite(x["spr/loss"]) and np.isfinite(x["train/td_loss"]) for x in losses)
     assert losses[-1]["step"] == 280 and losses[-1]["perf/updates"] == 80 and losses[-1]["spr/loss"] > 0
+    # PER beta follows the official schedule, 0.4 -> 1 from learning start to step 100k, not to --total-steps
+    assert losses[-1]["train/per_beta"] == pytest.approx(0.4 + 0.6 * (279 - 240) / (100_000 - 240))
     assert any("train/episodic_return" in x for x in lines) and "eval/return_mean" in lines[-1]
     assert list(run_dir.glob("events.out.tfevents.*"))  # --track: TensorBoard
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
