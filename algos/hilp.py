@@ -50,16 +50,17 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import tqdm
-import tyro
 
-from shared.maze import Maze2D, load_dataset, save_dataset, spearman
-from shared.run import make_run_dir, save_args
+from shared.args import cli, require
+from shared.maze import MAZES, Maze2D, load_dataset, save_dataset, spearman
+from shared.run import check_resume_dir, make_run_dir, save_args
 
 
 @dataclass
@@ -135,12 +136,29 @@ class Args:
     """midpoint recursions in E8 (paper code: 3)"""
     reward_prompt_samples: int = 10_000
     """reward-labelled transitions for the least-squares prompt in E7 (ZSRL code: 10,000)"""
-    reward_prompt_feature: str = "diff"
+    reward_prompt_feature: Literal["diff", "next"] = "diff"
     """x in E7: 'diff' = phi(s') - phi(s) (paper); 'next' = [phi(s'), 1] for next-state rewards (ZSRL code)"""
     reward_prompt_ridge: float = 0.0
     """lambda in E7 relative to the mean eigenvalue of X^T X (0: least squares, minimum norm as pinv)"""
     skill_mix_ratio: float = 0.0
     """share of training z that are whitened features of the batch (E5 option; ZSRL code: 0.5), x as in E7"""
+
+    RULES: ClassVar[dict[str, str]] = {  # checked by shared.args.cli before anything is built
+        **dict.fromkeys("dataset_episodes dataset_episode_len total_steps checkpoint_every log_every latent_dim hidden_dim "
+                        "num_layers lr batch_size temperature adv_clip planning_num_states planning_num_knns "
+                        "reward_prompt_samples".split(), "> 0"),
+        **dict.fromkeys("eval_every eval_episodes planning_num_recursions reward_prompt_ridge".split(), ">= 0"),
+        **dict.fromkeys("discount expectile p_trajgoal p_randomgoal target_update_rate skill_expectile skill_discount "
+                        "skill_mix_ratio".split(), "[0, 1]")}
+
+    def check(self):
+        kind, _, maze = self.env.partition("-")
+        require(kind in ("maze2d", "pointmaze") and maze in MAZES, "env", self.env,
+                f"must be maze2d-<maze> or pointmaze-<maze>, maze one of {', '.join(MAZES)}")
+        require(self.dataset in ("diverse", "random") or self.dataset.endswith(".npz") or self.dataset.startswith("minari:"),
+                "dataset", self.dataset, "must be diverse, random, a .npz path or minari:<local id>")
+        if self.resume:
+            check_resume_dir(pathlib.Path(self.resume), "hilp", Args, need_checkpoint=True)
 
 
 # ---------------------------------------------------------------- objectives (pure functions of tensors)
@@ -493,13 +511,10 @@ def main(args):
     start_step = 0
     if args.resume:  # the saved config wins, except run-length fields given explicitly on the command line
         saved = json.load(open(os.path.join(args.resume, "args.json")))
-        defaults = Args()
-        for f in fields(Args):
-            if f.name in ("total_steps", "eval_every", "checkpoint_every", "track") and getattr(args, f.name) != getattr(defaults, f.name):
-                saved[f.name] = getattr(args, f.name)
-        saved["resume"] = args.resume
-        args = Args(**saved)
-        run_dir = args.resume
+        for name in ("total_steps", "eval_every", "checkpoint_every", "track"):
+            if getattr(args, name) != getattr(Args(), name):
+                saved[name] = getattr(args, name)
+        args, run_dir = Args(**{**saved, "resume": args.resume}), args.resume
     else:
         run_dir = str(make_run_dir("hilp", args.env, args.seed, args.output_dir))
     save_args(run_dir, args)
@@ -582,4 +597,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

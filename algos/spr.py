@@ -35,21 +35,22 @@ PER beta reaching 1 at step 100k also in shorter runs (so a short run is not ann
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import copy
-import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
+from shared.args import cli, require
 from shared.atari import game_name, human_normalized_score, make_env
-from shared.run import make_run_dir, rng_state, save_args, seed_everything, set_rng_state
+from shared.run import (MetricsLogger, check_resume_dir, make_run_dir, rng_state, save_args, seed_everything,
+                        set_rng_state)
 
 
 @dataclass
@@ -134,6 +135,22 @@ class Args:
     """gradient-norm clip (encoder + Q head, and transition model, clipped separately as in the code)"""
     eval_epsilon: float = 0.001
     """epsilon of the evaluation policy"""
+
+    RULES: ClassVar[dict[str, str]] = {  # checked by shared.args.cli before anything is built
+        **dict.fromkeys("total_steps checkpoint_every log_every max_episode_frames lr adam_eps batch_size replay_ratio "
+                        "buffer_size hidden_size per_beta_steps max_grad_norm".split(), "> 0"), "n_atoms": ">= 2",
+        **dict.fromkeys("eval_episodes eval_every learning_starts spr_weight noisy_sigma0 per_alpha".split(), ">= 0"),
+        **dict.fromkeys("jumps n_step target_update_period".split(), ">= 1"),
+        **dict.fromkeys("tau gamma per_beta eval_epsilon".split(), "[0, 1]")}
+
+    def check(self):
+        import gymnasium as gym
+        require(self.env_id in gym.registry, "env_id", self.env_id, "not an Atari game id (e.g. BoxingNoFrameskip-v4)")
+        require(self.v_min < self.v_max, "v_max", self.v_max, f"must be > --v-min {self.v_min}")
+        require(self.learning_starts > max(self.jumps, self.n_step) + 3, "learning_starts", self.learning_starts,
+                "must exceed max(--jumps, --n-step) + 3 (the warm-up must fill one sequence)")
+        if self.resume:
+            check_resume_dir(pathlib.Path(self.resume), "spr", Args, need_checkpoint=False)
 
     def __post_init__(self):
         if self.tau is None:  # spec §2/§8: the augmented result uses a hard copy every update
@@ -283,11 +300,8 @@ class SPRNetwork(nn.Module):
     def __init__(self, n_actions: int, args: Args):
         super().__init__()
         n_actions = int(n_actions)  # gymnasium gives a numpy int, which torch.compile would trace as a tensor
-        self.encoder = nn.Sequential(
-            nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-        )  # 4x84x84 -> 64x7x7
+        self.encoder = nn.Sequential(nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(),  # 4x84x84 -> 64x7x7
+                                     nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(), nn.Conv2d(64, 64, 3, stride=1), nn.ReLU())
         self.head = QHead(n_actions, args)
         self.transition = TransitionModel(n_actions)
         self.predictor = nn.Linear(2 * args.hidden_size, 2 * args.hidden_size)
@@ -501,7 +515,6 @@ def main(args: Args):
     nets = {"net": net, "q_target": q_target, "spr_target": spr_target}
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, eps=args.adam_eps)
     replay = PrioritizedReplay(args.buffer_size, max(args.jumps, args.n_step), args.per_alpha, args.seed)
-    assert args.learning_starts > replay.horizon + 3, "warm-up must fill at least one full sequence"
     start, n_updates = 0, 0
     if args.resume and (run_dir / "checkpoint" / "trainer_state.pt").exists():
         # on the CPU: RNG states must stay CPU tensors; weights and Adam moments move to the params' device
@@ -516,27 +529,14 @@ def main(args: Args):
         print(f"resumed {run_dir} at step {start} ({replay.t} transitions in replay)")
     loss_fn = torch.compile(compute_losses) if args.compile else compute_losses
 
-    writer = None
-    if args.track:
-        if args.wandb_project_name:
-            import wandb
-            wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=asdict(args),
-                       name=run_dir.name, save_code=True)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir))
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-
-    def log(metrics: dict, step: int):
-        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        metrics_file.flush()
-        for k, v in metrics.items() if writer else ():
-            writer.add_scalar(k, v, step)
+    logger = MetricsLogger(run_dir, track=args.track, config=args,
+                           wandb_project=args.wandb_project_name if args.track else None)
 
     def run_eval(step: int, episodes: int):
         returns = evaluate(net, args, episodes, seed=args.seed + 10_000 + step)
         mean = float(np.mean(returns))
-        log({"eval/return_mean": mean, "eval/return_std": float(np.std(returns)), "eval/episodes": len(returns),
-             "eval/hns": human_normalized_score(game, mean)}, step)
+        logger.log({"eval/return_mean": mean, "eval/return_std": float(np.std(returns)),
+                    "eval/episodes": len(returns), "eval/hns": human_normalized_score(game, mean)}, step)
         return mean
 
     obs, _ = env.reset(seed=args.seed + start)
@@ -557,8 +557,8 @@ def main(args: Args):
             obs = env.reset()[0] if done else next_obs
             t_env += time.perf_counter() - t0
             if "episode" in info:  # a whole game ended (raw score)
-                log({"train/episodic_return": float(info["episode"]["r"]),
-                     "train/episode_length": int(info["episode"]["l"])}, step + 1)
+                logger.log({"train/episodic_return": float(info["episode"]["r"]),
+                            "train/episode_length": int(info["episode"]["l"])}, step + 1)
                 pbar.set_postfix(ret=float(info["episode"]["r"]))
 
             # ALGO LOGIC: learn
@@ -574,9 +574,9 @@ def main(args: Args):
             if (step + 1) % args.log_every == 0:
                 elapsed = time.perf_counter() - window_start
                 m = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
-                log({**m, "perf/steps_per_s": args.log_every / elapsed, "perf/env_s": t_env / args.log_every,
-                     "perf/update_s": t_update / max(1, len(stats)), "perf/updates": n_updates,
-                     "train/per_beta": beta}, step + 1)
+                logger.log({**m, "perf/steps_per_s": args.log_every / elapsed, "perf/env_s": t_env / args.log_every,
+                            "perf/update_s": t_update / max(1, len(stats)), "perf/updates": n_updates,
+                            "train/per_beta": beta}, step + 1)
                 stats, t_env, t_update, window_start = [], 0.0, 0.0, time.perf_counter()
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.total_steps:
                 run_eval(step + 1, args.eval_episodes) if args.eval_episodes else None
@@ -591,9 +591,9 @@ def main(args: Args):
     if args.eval_episodes > 0:
         mean = run_eval(args.total_steps, args.eval_episodes)
         print(f"eval after {args.total_steps} steps: return {mean:.1f}, HNS {human_normalized_score(game, mean):.3f}")
-    env.close(), metrics_file.close(), writer and writer.close()
+    env.close(), logger.close()
     return run_dir
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args))

@@ -402,8 +402,9 @@ class LM:
             raise RuntimeError("no reference model: call setup_lm(reference=True)")
 
 
-def check_resume_dir(run_dir: Path, algo: str, cls: type) -> None:
-    """Exit with one line unless `run_dir` is a run of `algo` with a checkpoint to resume from."""
+def check_resume_dir(run_dir: Path, algo: str, cls: type, need_checkpoint: bool = True) -> None:
+    """Exit with one line unless `run_dir` is a run of `algo` with a checkpoint to resume from (or, without
+    `need_checkpoint`, a run of `algo` that may not have saved one yet and then starts afresh)."""
     state = run_dir / "checkpoint" / "trainer_state.pt"
     require((run_dir / "args.json").is_file(), "resume", run_dir, "not a run directory (no args.json)")
     saved = json.loads((run_dir / "args.json").read_text())
@@ -412,7 +413,7 @@ def check_resume_dir(run_dir: Path, algo: str, cls: type) -> None:
         fields = {f.name for f in dataclasses.fields(cls)}
         other = algo if set(saved) <= fields else "another algorithm (its flags differ)"
     require(other == algo, "resume", run_dir, f"a run of {other}, not {algo}")
-    require(state.is_file(), "resume", run_dir, f"has no checkpoint to resume from (no {state})")
+    require(state.is_file() or not need_checkpoint, "resume", run_dir, f"has no checkpoint to resume from (no {state})")
 
 
 def load_task_checked(args: Any):

@@ -150,6 +150,44 @@ def test_a_task_too_small_for_n_train_fails_before_the_model(script, tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+# ---------------------------------------------------------------- the RL scripts: before any environment
+RL_BAD = {
+    "spr": [(["--total-steps", "0"], "--total-steps"), (["--gamma", "1.5"], "--gamma"), (["--lr", "-1"], "--lr"),
+            (["--env-id", "nosuch"], "--env-id"), (["--v-min", "5", "--v-max", "1"], "--v-max"),
+            (["--learning-starts", "5"], "--learning-starts"), (["--per-beta", "2"], "--per-beta")],
+    "hilp": [(["--batch-size", "0"], "--batch-size"), (["--expectile", "2"], "--expectile"), (["--lr", "-1"], "--lr"),
+             (["--env", "maze2d-nosuch"], "--env"), (["--dataset", "nosuch"], "--dataset"),
+             (["--reward-prompt-feature", "x"], "--reward-prompt-feature")],
+}
+
+
+def _no_env(module, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("an environment was built before the flags were checked")
+    monkeypatch.setattr(module, "make_env", refuse)
+
+
+@pytest.mark.parametrize("script, flags, flag", [(s, f, g) for s, cases in RL_BAD.items() for f, g in cases])
+def test_rl_bad_flag_exits_2_with_one_line_before_any_environment(script, flags, flag, tmp_path, monkeypatch, capsys):
+    module = importlib.import_module(f"algos.{script}")
+    _no_env(module, monkeypatch)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags, "--output-dir", str(tmp_path / "runs")])
+    code, err = _error(capsys, lambda: module.main(cli(module.Args)))
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and flag in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["spr", "hilp"])
+def test_rl_resume_of_another_run_is_refused_before_any_environment(script, tmp_path, monkeypatch, capsys):
+    module = importlib.import_module(f"algos.{script}")
+    _no_env(module, monkeypatch)
+    for run_dir, why in [(tmp_path / "missing", "not a run directory"),
+                         (_fake_run(tmp_path, "grpo", {"model": "tiny"}), f"a run of grpo, not {script}")]:
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", "--resume", str(run_dir)])
+        code, err = _error(capsys, lambda: module.main(cli(module.Args)))
+        assert code == 2 and err.startswith(f"error: --resume {run_dir}") and why in err and "\n" not in err, err
+
+
 # ---------------------------------------------------------------- the command line itself
 @pytest.mark.slow
 @pytest.mark.parametrize("script", LM_SCRIPTS)
