@@ -70,6 +70,8 @@ from shared.verifiers import parse_number
 class Args(StepArgs):  # the experiment flags (--model, --seed, --lr, ...) come from shared/args.py
     task: str = "multistep"
     """`multistep` (step-by-step ± problems: room to correct a first attempt), `arith`, `countdown`, `gsm8k`, `math500`"""
+    n_train: int = 1000
+    """training problems drawn from the task (multistep level 1 has 1691)"""
     max_new_tokens: int = 64
     """generation budget of each turn (L_max); also used for the held-out evaluation"""
     # ---- algorithm (v2 Table 5, MATH column, where the paper gives a value)
