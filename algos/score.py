@@ -35,8 +35,8 @@ Decisions where the paper is silent, and simplifications: one rollout per proble
 batch; ℓ is a sum over tokens (the sequence-level objective, no length normalisation); K̂ is the k3
 sample estimate on the sampled tokens, whose gradient (sampling weights detached) is that of
 KL(π_ref ‖ π_θ): it vanishes at π_θ = π_ref and pulls towards it, which is what the anchor needs. A
-truncated answer (no EOS within --max-new-tokens) earns reward 0 in training; evaluation grades text as
-`shared.evaluation` does. p1 is the paper's MATH instruction with the task's own answer format in place
+truncated answer (no EOS within --max-new-tokens) earns reward 0 in training unless --grade-truncated;
+evaluation grades the text, as `shared.evaluation` does. p1 is the paper's MATH instruction with the task's own answer format in place
 of MATH's. `--offline-frac` samples that share of first answers from the base model ("offline prompts",
 §5.2): those rows train turn 2 only (no turn-1 term, which would be off-policy). The model is ~10⁴×
 smaller and the budgets ~10³× shorter than the paper's (Gemini, 3000 steps × 512).
@@ -91,6 +91,8 @@ class Args(StepArgs):  # the experiment flags (--model, --seed, --lr, ...) come 
     """b_i: subtract the batch mean of each turn's reward (off: plain REINFORCE as in the paper's reproductions)"""
     offline_frac: float = 0.0
     """share of each batch whose first answer y1 is sampled from the base model π_ref (§5.2 'offline prompts')"""
+    grade_truncated: bool = False
+    """grade an answer cut off at --max-new-tokens on its text in training (default: it earns 0, as in grpo.py)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     micro_batch_size: int = 8
@@ -252,9 +254,10 @@ def verdicts(task, ro, problems, n: int = 1):
     return [task.verify(text, problems[j // n]) for j, text in enumerate(ro.texts)]
 
 
-def train_reward(vs, ro) -> torch.Tensor:
-    """r̂ ∈ {0, 1}: correct, and not truncated (an answer cut off at --max-new-tokens earns nothing)."""
-    return torch.tensor([float(v.correct and not t) for v, t in zip(vs, ro.truncated.tolist())])
+def train_reward(vs, ro, grade_truncated: bool = False) -> torch.Tensor:
+    """r̂ ∈ {0, 1}: correct, and (unless `grade_truncated`) not cut off at --max-new-tokens: half an answer
+    is not an answer, even when its last number happens to match."""
+    return torch.tensor([float(v.correct and (grade_truncated or not t)) for v, t in zip(vs, ro.truncated.tolist())])
 
 
 @torch.no_grad()
@@ -350,7 +353,7 @@ def main(args: Args) -> dict:
             mask1[:n_off] = 0  # base-model first answers are context only: no turn-1 term (it would be off-policy)
             # 2. rewards (detached constants), the Stage II bonus (Eq. 5) and the optional baselines
             v1, v2 = verdicts(task, ro1, problems), verdicts(task, ro2, problems)
-            r1, r2 = train_reward(v1, ro1).to(device), train_reward(v2, ro2).to(device)
+            r1, r2 = (train_reward(v, ro, args.grade_truncated).to(device) for v, ro in ((v1, ro1), (v2, ro2)))
             r2_shaped = shaped_turn2_reward(r1, r2, args.alpha)
             turn2 = r2 if stage == 1 else r2_shaped
             b1 = gather(r1[n_off:]).mean() if args.baseline and stage == 2 and len(r1) > n_off else 0.0

@@ -213,6 +213,7 @@ def test_train_reward_is_the_verifier_and_a_truncated_answer_earns_nothing():
                  torch.tensor([False, True, False, False]))
     vs = [task.verify(t, p) for t in texts]
     assert train_reward(vs, ro).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert train_reward(vs, ro, grade_truncated=True).tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_every_task_has_an_answer_format_and_p1_is_the_papers_words():
@@ -270,7 +271,7 @@ sys.path.insert(0, {root!r})
 import torch
 import algos.score as score
 from shared.args import cli
-score.train_reward = lambda vs, ro: torch.tensor([float(len(t) % 2 == 0) for t in ro.texts])
+score.train_reward = lambda vs, ro, *_: torch.tensor([float(len(t) % 2 == 0) for t in ro.texts])
 out = score.main(cli(score.Args))
 from accelerate import PartialState
 h = hashlib.sha256()
