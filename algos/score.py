@@ -403,27 +403,25 @@ def main(args: Args) -> dict:
 
                 # ---- logging (over every process)
                 total = accelerator.reduce(torch.tensor([sums["loss"], sums["kl1"], sums["kl2"]], device=device), "sum")
-                c1, c2 = gather(torch.tensor([v.correct for v in v1])), gather(torch.tensor([v.correct for v in v2]))
                 changed = gather(torch.tensor([answer_key(a.answer) != answer_key(b.answer) for a, b in zip(v1, v2)]))
                 len1, len2 = gather(ro1.completion_mask.sum(1)), gather(ro2.completion_mask.sum(1))
                 trunc = gather(torch.cat([ro1.truncated, ro2.truncated]))
                 tokens = (len1.sum() + len2.sum()).item()
-                sc = self_correction_metrics(c1, c2)
+                sc = self_correction_metrics(gather(r1), gather(r2))  # on the training rewards r̂1, r̂2
                 step_s = time.time() - t0
                 metrics = {
-                    "train/reward": gather(r2).mean().item(), "train/accuracy": sc["acc_t2"],
+                    "train/reward": gather(turn2).mean().item(), "train/accuracy": sc["acc_t2"],  # r̂2 or r̃2; r̂2
                     "train/format_rate": gather(torch.tensor([v.format_ok for v in v2])).mean().item(),
                     "train/loss": total[0].item(), "train/kl": (total[1] + total[2]).item(), "train/grad_norm": grad_norm,
                     "train/completion_len": len2.mean().item(), "train/truncated_frac": trunc.mean().item(),
-                    "train/lr": scheduler.get_last_lr()[0], "score/stage": stage, "score/r1": gather(r1).mean().item(),
-                    "score/r2_shaped": gather(r2_shaped).mean().item(), "score/kl1": total[1].item(), "score/kl2": total[2].item(),
+                    "train/lr": scheduler.get_last_lr()[0], "score/stage": stage, "score/kl1": total[1].item(), "score/kl2": total[2].item(),
                     "score/acc_t1": sc["acc_t1"], "score/delta_i2c": sc["delta_i2c"], "score/delta_c2i": sc["delta_c2i"],
                     "score/changed_frac": changed.mean().item(), "score/len_t1": len1.mean().item(),
                     "perf/step_s": step_s, "perf/gen_s": t_gen, "perf/ref_s": t_ref, "perf/update_s": t_update,
                     "perf/tokens_per_s": tokens / step_s}
                 run.logger.log(metrics, step)
             bar.update(1)
-            bar.set_postfix(stage=stage, r1=f"{metrics['score/r1']:.2f}", r2=f"{metrics['train/reward']:.2f}")
+            bar.set_postfix(stage=stage, r1=f"{metrics['score/acc_t1']:.2f}", r2=f"{metrics['train/accuracy']:.2f}")
             if step % args.eval_every == 0 or step == args.total_steps:
                 last_eval = evaluate_two_turn(run, lm, step, task.test, instruction)
             if step % args.save_every == 0 or step == args.total_steps:

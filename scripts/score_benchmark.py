@@ -119,7 +119,7 @@ def main(a: Args) -> None:
                      "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
         "rows": [{"arm": n, "steps": s, **m} for n, s, m in rows], "wall_s": wall,
         "median_step_s": {k: sorted(r["perf/step_s"] for r in v)[len(v) // 2] for k, v in train.items()},
-        "train": {k: [{m: r[m] for m in ("step", "score/stage", "score/r1", "train/reward", "train/kl",
+        "train": {k: [{m: r[m] for m in ("step", "score/stage", "score/acc_t1", "train/accuracy", "train/kl",
                                          "score/changed_frac")} for r in v] for k, v in train.items()}}
     (docs / "benchmark.json").write_text(json.dumps(result, indent=2))
     write(result, docs)
@@ -158,8 +158,8 @@ def write(result: dict, docs: pathlib.Path) -> None:
         rows = result["train"][name]
         steps = [r["step"] for r in rows]
         label = "Stage I only" if name == "stage1" else "Stage I + II"
-        ax2.plot(steps, [r["score/r1"] for r in rows], style, color="C0", label=f"{label}: r̂(y1)")
-        ax2.plot(steps, [r["train/reward"] for r in rows], style, color="C1", label=f"{label}: r̂(y2)")
+        ax2.plot(steps, [r["score/acc_t1"] for r in rows], style, color="C0", label=f"{label}: r̂(y1)")
+        ax2.plot(steps, [r["train/accuracy"] for r in rows], style, color="C1", label=f"{label}: r̂(y2)")
     ax2.axvline(c["steps"] / 2 + 0.5, color="grey", lw=0.8)
     ax2.set_xlabel("step")
     ax2.set_ylabel("training reward (T = 1)")
