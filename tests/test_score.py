@@ -216,6 +216,16 @@ def test_train_reward_is_the_verifier_and_a_truncated_answer_earns_nothing():
     assert train_reward(vs, ro, grade_truncated=True).tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_math_verifier_on_the_answer_format_p1_asks_for():
+    """§8.7 adapted: for math500 p1 asks for \\boxed{} (the task's format, not MATH's "Final Answer: The final
+    answer is $…$"); an equivalent boxed answer earns 1, an answer without the asked-for format earns 0."""
+    from shared.verifiers import verify_math
+
+    assert "\\boxed{}" in ANSWER_FORMAT["math500"]
+    assert verify_math(r"So x = 1/3, and \boxed{\frac{1}{3}}", r"\frac13", mode="boxed").correct
+    assert not verify_math(r"So x = 1/3, and the answer is \frac{1}{3}.", r"\frac13", mode="boxed").correct
+
+
 def test_every_task_has_an_answer_format_and_p1_is_the_papers_words():
     from shared.tasks import TASKS
 
