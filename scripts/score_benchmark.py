@@ -46,9 +46,8 @@ COLUMNS = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Δ(t1,t2)"), (
 class Args:
     steps: int = 6
     """N: training steps of each trained arm (Stage I + II: N/2 each). With --batch-size 12 and four evaluations
-    of 100 problems this fits the whole script in the 15-minute CPU budget (2 cores: a step of 16 two-turn
-    rollouts took about 45 s, an evaluation of 100 problems 60-80 s); the earlier defaults (16 steps × 16
-    problems) would take about 25 min"""
+    of 100 problems the whole script took 10.3 min on the 2-core CPU (median step 36 s; docs/score/benchmark.md);
+    the earlier defaults (16 steps × 16 problems) would take about 25 min"""
     batch_size: int = 12
     """problems per step (one two-turn rollout each)"""
     level: int = 1
