@@ -434,6 +434,62 @@ def evaluate_critic(model, tokenizer, solutions: list[Solution], args: Args) -> 
     return benchmark_metrics(solutions, per)
 
 
+def game_positions(problems, solver, tok, task, rng: random.Random, args: Args) -> list[tuple]:
+    """(problem, correct prefix, correct next step t_k) with k uniform over a verified-correct solution:
+    the reference steps, or the solver's own solution when `check_steps` passes it and its answer is right."""
+    if args.step_source == "solver":
+        texts = sample(solver, tok, [chat_prompt(tok, p.prompt, task.system_prompt) for p in problems], args,
+                       temperature=args.solver_temperature, max_new_tokens=args.solver_max_new_tokens * 2).texts
+        checked = [(p, check_steps(t, p.meta["numbers"]), task.verify(t, p).correct) for p, t in zip(problems, texts)]
+        solutions = [(p, [c.text for c in rep.steps]) for p, rep, ok in checked if ok and rep.all_ok]
+    else:
+        solutions = [(p, p.meta["steps"]) for p in problems]
+    return [(p, steps[:k], steps[k]) for p, steps in solutions for k in [rng.randrange(len(steps))]]
+
+
+def play_round(critic, generator, solver, tok, task, problems, rng: random.Random, args: Args) -> tuple[list, list, dict]:
+    """One round of the game (§3 steps a–e): sneaky rewrites, validation by solver rollouts, the critic on
+    each validated t'_k and its paired t_k, rewards, balancing. Returns (critic rows, generator rows, metrics)."""
+    t0 = time.time()
+    critic.eval(), generator.eval()
+    games = game_positions(problems, solver, tok, task, rng, args)
+    ro_g = sample(generator, tok, [encode_chat(tok, generator_messages(problem_text(p), pre, s)) for p, pre, s in games],
+                  args, temperature=args.temperature)
+    sneaky = [parse_sneaky_step(text, s) for text, (_, _, s) in zip(ro_g.texts, games)]
+    t1, parsed = time.time(), [i for i, s in enumerate(sneaky) if s]
+    p = solver_success(solver, tok, task, [games[i] for i in parsed] + [(*games[i][:2], sneaky[i]) for i in parsed], args)
+    p_orig, p_sneaky = p[:len(parsed)], p[len(parsed):]
+    validated = [i for i, po, ps in zip(parsed, p_orig, p_sneaky) if accept_sneaky(po, ps, args.p_orig_min, args.min_drop)]
+    t2 = time.time()
+    items = [(problem_text(games[i][0]), games[i][1], sneaky[i]) for i in validated] + \
+            [(problem_text(games[i][0]), games[i][1], games[i][2]) for i in validated]  # t'_k, then the paired t_k
+    ro_c, verdicts = judge(critic, tok, items, args, args.temperature) if items else (None, [])
+    t3, n = time.time(), len(validated)
+    on_sneaky = {i: sneaky_rewards(True, v) for i, v in zip(validated, verdicts)}  # (R_critic, R_sneaky)
+    g_adv = [on_sneaky[i][1] if i in on_sneaky else sneaky_rewards(False, 0, args.failed_validation)[1] for i in range(len(games))]
+    c_adv = [on_sneaky[i][0] for i in validated] + [paired_reward(v) for v in verdicts[n:]]
+    g_keep, c_keep = [i for i, a in enumerate(g_adv) if a is not None], [j for j, a in enumerate(c_adv) if a is not None]
+    if args.balance:
+        g_keep = [g_keep[j] for j in balance([g_adv[i] for i in g_keep], rng)]
+        c_keep = [c_keep[j] for j in balance([c_adv[i] for i in c_keep], rng)]
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+    judged, paired = [v for v in verdicts[:n] if v], [v for v in verdicts[n:] if v]
+    c_all = [a for a in c_adv if a is not None]
+    tokens = ro_g.completion_mask.sum().item() + (ro_c.completion_mask.sum().item() if ro_c else 0)
+    metrics = {"train/reward": mean(c_all), "train/accuracy": mean([a == 1 for a in c_all]), "spc/games": len(games),
+               "spc/parsed": len(parsed), "spc/validated": n, "spc/validated_yield": n / max(len(games), 1),
+               "spc/p_orig": mean(p_orig), "spc/p_sneaky": mean(p_sneaky), "spc/critic_win_rate": mean([v == -1 for v in judged]),
+               "spc/generator_win_rate": mean([v == 1 for v in judged]), "spc/paired_accuracy": mean([v == 1 for v in paired]),
+               "spc/critic_valid_rate": mean([v != 0 for v in verdicts]), "spc/critic_rows": len(c_keep),
+               "spc/generator_rows": len(g_keep), "spc/generator_reward": mean([g_adv[i] for i in g_keep]),
+               "perf/gen_s": t1 - t0, "perf/validate_s": t2 - t1, "perf/judge_s": t3 - t2,
+               "perf/tokens_per_s": tokens / max(t1 - t0 + t3 - t2, 1e-9)}
+    c_rows = rollout_rows(ro_c, c_keep, [c_adv[j] for j in c_keep]) if c_keep else []
+    return c_rows, rollout_rows(ro_g, g_keep, [g_adv[i] for i in g_keep]), metrics
+
+
 def step_search(solver, critic, tokenizer, task, problems, args: Args) -> float:
     """Accuracy of step-by-step solving in which the critic (None: no critic) prunes each equation line
     it judges Incorrect: the line is re-sampled up to M times, the last try is kept (§5)."""
@@ -484,7 +540,7 @@ def main(args: Args) -> dict:
     schedule = lambda s: (sft_factor if s < args.sft_steps else min(1.0, (s - args.sft_steps + 1) / max(args.warmup_steps, 1)))  # noqa: E731
     critic = Role("critic", run.setup_lm(lr_lambda=schedule, restore=False))
     generator = Role("generator", run.setup_lm(lr_lambda=schedule, restore=False))  # a second copy of the base
-    tok, device = critic.lm.tokenizer, critic.lm.accelerator.device
+    tok = critic.lm.tokenizer
     solver = frozen_copy(critic.lm)  # the base model: validates sneaky steps, writes the benchmark's own solutions
     state = run.restore(critic.lm)
     if state:  # the generator rides in the critic's checkpoint, so both are saved in one atomic swap
@@ -560,50 +616,10 @@ def main(args: Args) -> dict:
         while rounds < args.iterations:
             t0, r = time.time(), rounds + 1
             rng = random.Random(f"spc/round/{args.seed}/{r}")
-            critic.lm.model.eval(), generator.lm.model.eval()
             problems = [task.train[i] for i in stream.take(args.games)]
-            if args.step_source == "solver":  # the solver's own solutions, kept when exactly right
-                texts = sample(solver, tok, [chat_prompt(tok, p.prompt, task.system_prompt) for p in problems], args,
-                               temperature=args.solver_temperature, max_new_tokens=args.solver_max_new_tokens * 2).texts
-                reports = [(p, check_steps(t, p.meta["numbers"]), task.verify(t, p).correct) for p, t in zip(problems, texts)]
-                solutions = [(p, [c.text for c in rep.steps]) for p, rep, ok in reports if ok and rep.all_ok]
-            else:
-                solutions = [(p, p.meta["steps"]) for p in problems]
-            games = [(p, steps[:k], steps[k]) for p, steps in solutions for k in [rng.randrange(len(steps))]]
-            # the sneaky generator rewrites t_k
-            ro_g = sample(generator.lm.model, tok, [encode_chat(tok, generator_messages(problem_text(p), pre, s)) for p, pre, s in games],
-                          args, temperature=args.temperature)
-            sneaky = [parse_sneaky_step(text, s) for text, (_, _, s) in zip(ro_g.texts, games)]
-            t_gen = time.time() - t0
-            # validation: solver rollouts from t_k and from t'_k
-            t1, parsed = time.time(), [i for i, s in enumerate(sneaky) if s]
-            p = solver_success(solver, tok, task, [games[i] for i in parsed] + [(*games[i][:2], sneaky[i]) for i in parsed], args)
-            p_orig, p_sneaky = dict(zip(parsed, p[:len(parsed)])), dict(zip(parsed, p[len(parsed):]))
-            validated = [i for i in parsed if accept_sneaky(p_orig[i], p_sneaky[i], args.p_orig_min, args.min_drop)]
-            t_val = time.time() - t1
-            # the critic judges each validated t'_k and its original t_k
-            t2 = time.time()
-            items = [(problem_text(games[i][0]), games[i][1], sneaky[i]) for i in validated] + \
-                    [(problem_text(games[i][0]), games[i][1], games[i][2]) for i in validated]
             player = critic.lm.model if args.opponent == "latest" else critic.ref
-            ro_c, verdicts = judge(player, tok, items, args, args.temperature) if items else (None, [])
-            t_judge = time.time() - t2
-            # rewards (Fig. 2): one generator row per attempt, up to two critic rows per validated attempt
-            n_val = len(validated)
-            g_adv, c_adv = [], []
-            for i in range(len(games)):
-                rc, rs = sneaky_rewards(i in validated, verdicts[validated.index(i)] if i in validated else 0, args.failed_validation)
-                g_adv.append(rs)
-                c_adv.append(rc)
-            c_adv = [c_adv[i] for i in validated] + [paired_reward(v) for v in verdicts[n_val:]]
-            g_keep, c_keep = [i for i, a in enumerate(g_adv) if a is not None], [j for j, a in enumerate(c_adv) if a is not None]
-            if args.balance:
-                g_keep = [g_keep[j] for j in balance([g_adv[i] for i in g_keep], rng)]
-                c_keep = [c_keep[j] for j in balance([c_adv[i] for i in c_keep], rng)]
-            g_rows = rollout_rows(ro_g, g_keep, [g_adv[i] for i in g_keep])
-            c_rows = rollout_rows(ro_c, c_keep, [c_adv[j] for j in c_keep]) if c_keep else []
-
-            t3, metrics = time.time(), {}
+            c_rows, g_rows, metrics = play_round(player, generator.lm.model, solver, tok, task, problems, rng, args)
+            t1 = time.time()
             with run.atomic():  # both updates and their bookkeeping, or neither
                 for role, rows in ((critic, c_rows), (generator, g_rows)):
                     if not rows:
@@ -612,29 +628,13 @@ def main(args: Args) -> dict:
                     gen = torch.Generator().manual_seed(args.seed * 100_003 + 1000 * r + len(role.name))
                     s = train_rows(role, rows + sft, args, gen, epochs=args.epochs, batch_size=args.batch_size, alpha=args.alpha)
                     prefix = "train" if role is critic else "spc/generator"
-                    metrics |= {f"{prefix}/loss": s["loss"], f"{prefix}/grad_norm": s["grad_norm"], f"{prefix}/kl": s["kl"],
-                                f"{prefix}/clip_frac": s["clip_frac"], f"{prefix}/opt_steps": s["opt_steps"]}
-                t_update = time.time() - t3
+                    metrics |= {f"{prefix}/{k}": v for k, v in s.items()}
                 rounds = r
-                sneaky_v = [v for v in verdicts[:n_val] if v]
-                paired_v = [v for v in verdicts[n_val:] if v]
-                nan = float("nan")
-                mean = lambda xs: sum(xs) / len(xs) if xs else nan  # noqa: E731
-                metrics |= {
-                    "train/reward": mean([a for a in c_adv if a is not None]), "train/accuracy": mean([a == 1 for a in c_adv if a is not None]),
-                    "spc/games": len(games), "spc/sneaky_parse_rate": len(parsed) / max(len(games), 1),
-                    "spc/validated_yield": n_val / max(len(games), 1), "spc/validated_of_parsed": n_val / max(len(parsed), 1),
-                    "spc/p_orig": mean(list(p_orig.values())), "spc/p_sneaky": mean(list(p_sneaky.values())),
-                    "spc/critic_win_rate": mean([v == -1 for v in sneaky_v]), "spc/generator_win_rate": mean([v == 1 for v in sneaky_v]),
-                    "spc/paired_accuracy": mean([v == 1 for v in paired_v]), "spc/critic_valid_rate": mean([v != 0 for v in verdicts]),
-                    "spc/critic_rows": len(c_rows), "spc/generator_rows": len(g_rows),
-                    "spc/generator_reward": mean([g_adv[i] for i in g_keep]), "perf/gen_s": t_gen, "perf/validate_s": t_val,
-                    "perf/judge_s": t_judge, "perf/update_s": t_update, "perf/step_s": time.time() - t0,
-                    "perf/tokens_per_s": (ro_g.completion_mask.sum().item() + (ro_c.completion_mask.sum().item() if ro_c else 0)) / max(t_gen + t_judge, 1e-9)}
-                run.logger.log(metrics, stage())
-            log(f"round {r}: {len(parsed)}/{len(games)} sneaky steps parsed, {n_val} validated; critic wins "
-                f"{metrics['spc/critic_win_rate']:.2f} of sneaky games, paired accuracy {metrics['spc/paired_accuracy']:.2f}; "
-                f"rows critic {len(c_rows)} generator {len(g_rows)}")
+                run.logger.log(metrics | {"perf/update_s": time.time() - t1, "perf/step_s": time.time() - t0,
+                                          "train/lr": critic.lm.scheduler.get_last_lr()[0]}, stage())
+            log(f"round {r}: {metrics['spc/parsed']}/{metrics['spc/games']} sneaky steps parsed, {metrics['spc/validated']} "
+                f"validated; critic wins {metrics['spc/critic_win_rate']:.2f} of sneaky games, paired accuracy "
+                f"{metrics['spc/paired_accuracy']:.2f}; rows: critic {len(c_rows)}, generator {len(g_rows)}")
             last = evaluate(stage(), f"after round {r}")
             run.save(critic.lm, **extras())
         if args.search_problems:

@@ -385,7 +385,7 @@ def test_smoke_one_self_play_round(tmp_path):
     rows = _metrics(run)
     game = [r for r in rows if "spc/games" in r]
     assert len(game) == 1 and game[0]["step"] == 3 and game[0]["spc/games"] == 3
-    for key in ("spc/sneaky_parse_rate", "spc/validated_yield", "spc/generator_rows", "spc/generator/loss", "perf/step_s"):
+    for key in ("spc/parsed", "spc/validated_yield", "spc/generator_rows", "spc/generator/loss", "perf/step_s"):
         assert key in game[0] and math.isfinite(game[0][key])
     assert sum("eval/f1" in r for r in rows) == 3  # base, after round 0, after round 1
     assert [r["step"] for r in rows if "sft/critic_loss" in r] == [1, 2]
