@@ -261,14 +261,10 @@ def balance(rewards: list[int], rng: random.Random) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ prompts and the teacher
-CRITIC_SYSTEM = ("You are a helpful critic. Given a math Problem, a Partial Solution and the current Last Step, "
-                 "critique the Last Step step by step: first summarise the general idea of the Partial Solution, then "
-                 "give a brief critique of the Last Step consistent with it, and end with <Answer>Correct</Answer> or "
-                 "<Answer>Incorrect</Answer>.")
-GENERATOR_SYSTEM = ("You are a sneaky math student. Given a Problem, a Partial Solution and its Correct Next Step, pick "
-                    "one of the Error Types and rewrite the step so that it contains that error. Keep the style and "
-                    "length of the step and never say that it is wrong. Name the error type, then write the new step "
-                    "between <Step> and </Step>.")
+CRITIC_SYSTEM = ("You are a critic. Summarise the Partial Solution, check the Last Step against it, then end with "
+                 "<Answer>Correct</Answer> or <Answer>Incorrect</Answer>.")  # §5's three parts, shortened for a small model
+GENERATOR_SYSTEM = ("You are a sneaky student. Rewrite the Correct Next Step so that it has one error of a listed type, "
+                    "in the same style, without saying so. Name the error type, then write the new step in <Step></Step>.")
 USER = "## Problem\n{problem}\n\n## Partial Solution\n{partial}\n\n## {what}\n{step}"
 EMPTY_PARTIAL = "Let's solve this problem."
 
@@ -287,16 +283,14 @@ def generator_messages(problem: str, prefix: list[str], step: str) -> list[dict]
 
 
 def critic_target(prefix: list[str], expected: str, step: str, correct: bool) -> str:
-    """The teacher's critique (§5 format): summary, the recomputed expected step, the verdict."""
-    summary = f"The partial solution has computed {'; '.join(prefix)}." if prefix else "Nothing has been computed yet."
-    lhs, value = expected.split(" = ")
-    verdict = "right" if correct else "wrong"
-    return (f"{summary} The next calculation is {lhs} = {value}. The last step says {step}, which is {verdict}.\n"
+    """The teacher's critique in §5's format: a summary, the recomputed next step, the verdict."""
+    summary = f"So far: {'; '.join(prefix)}." if prefix else "Nothing is computed yet."
+    return (f"{summary} Next: {expected}. The last step {step} is {'right' if correct else 'wrong'}.\n"
             f"<Answer>{'Correct' if correct else 'Incorrect'}</Answer>")
 
 
 def generator_target(kind: int, change: str, wrong: str) -> str:
-    return f"Error Type {kind + 1}: {ERROR_TYPES[kind]}. I {change}.\n<Step>{wrong}</Step>"
+    return f"Error Type {kind + 1}: {ERROR_TYPES[kind]}. I {change}.\n<Step>{wrong}</Step>"  # Fig. 2's sneaky CoT
 
 
 def teacher_examples(problems, n: int, seed: int) -> tuple[list, list]:

@@ -244,7 +244,7 @@ def test_teacher_targets_parse_to_their_labels():
     assert set(verdicts) == {1, -1} and 0 not in verdicts
     for messages, target in critic:
         step = messages[1]["content"].split("## Last Step\n")[1]
-        assert (parse_verdict(target) == 1) == (f"says {step}, which is right" in target)
+        assert (parse_verdict(target) == 1) == (f"The last step {step} is right" in target)
     for messages, target in generator:
         original = messages[1]["content"].split("## Correct Next Step\n")[1].split("\n")[0]
         assert parse_sneaky_step(target, original) is not None
