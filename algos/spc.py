@@ -42,7 +42,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python algos/spc.py` finds `shared`
 
-import copy
 import json
 import math
 import os
@@ -78,6 +77,8 @@ class Args(LMArgs):  # the experiment flags (--model, --seed, --lr, ...) come fr
     """training problems (game positions and the round-0 SFT file)"""
     n_test: int = 60
     """held-out problems the step-error benchmark is built from"""
+    n_dev: int = 0
+    """dev problems (SPC selects nothing and stops nothing early, so none by default)"""
     max_new_tokens: int = 64
     """generation budget of a critique or a sneaky rewrite (and of the benchmark's critiques)"""
     iterations: int = 2
@@ -516,14 +517,6 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def frozen_copy(lm, weights: dict | None = None):
-    """A frozen copy of the policy (optionally with saved trainable weights loaded)."""
-    ref = copy.deepcopy(lm.policy).eval().requires_grad_(False)
-    if weights is not None:
-        ref.load_state_dict(weights, strict=False)
-    return ref
-
-
 # ------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -535,7 +528,7 @@ def main(args: Args) -> dict:
     critic = Role("critic", run.setup_lm(lr_lambda=schedule, restore=False))
     generator = Role("generator", run.setup_lm(lr_lambda=schedule, restore=False))  # a second copy of the base
     tok = critic.lm.tokenizer
-    solver = frozen_copy(critic.lm)  # the base model: validates sneaky steps, writes the benchmark's own solutions
+    solver = run.frozen_copy(critic.lm)  # the base model: validates sneaky steps, writes the benchmark's own solutions
     state = run.restore(critic.lm)
     if state:  # the generator rides in the critic's checkpoint, so both are saved in one atomic swap
         g = state.pop("generator")
@@ -604,7 +597,8 @@ def main(args: Args) -> dict:
             os.replace(run.dir / "round0.tmp", run.dir / "round0.pt")
         refs = torch.load(run.dir / "round0.pt")
         for role in (critic, generator):
-            role.ref = frozen_copy(role.lm, refs[role.name])
+            role.ref = run.frozen_copy(role.lm)  # a frozen copy, then Critic-0 / Generator-0 weights
+            role.ref.load_state_dict(refs[role.name], strict=False)
 
         # ---- rounds 1..R of the game
         while rounds < args.iterations:

@@ -2,6 +2,7 @@
 one-token responses, validation on hand-made rollouts, the teacher and the step-error benchmark, and
 subprocess runs on the tiny model (one self-play round, resume, SIGTERM, bad flags)."""
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -115,7 +116,7 @@ def test_right_padded_row_in_a_batch_has_the_same_lbar_as_alone():
 @pytest.mark.parametrize("text, strict, stripped", [
     ("The step is fine.\n<Answer>Correct</Answer>", 1, 1), ("<Answer>incorrect</Answer>", -1, -1),
     ("<Answer>CORRECT</Answer>", 1, 1), ("<Answer> Correct </Answer>", 0, 1), ("no tag at all", 0, 0),
-    ("<Answer>Correct.", 0, 0), ("<Answer>Incorrect</Answer> then <Answer>Correct</Answer>", -1, -1),
+    ("<Answer>Correct.", 0, 0), ("<Answer>Correct", 0, 0), ("<Answer>Incorrect\n", 0, 0), ("<Answer>Incorrect</Answer> then <Answer>Correct</Answer>", -1, -1),
     ("x</Answer> <Answer>Correct</Answer>", 1, 1), ("<Answer>Correct.</Answer>", 0, 0), ("", 0, 0),
     ("<answer>Correct</answer>", 0, 0)])
 def test_parse_verdict(text, strict, stripped):
@@ -193,7 +194,7 @@ def test_reference_is_frozen_and_the_policy_moves():
     from accelerate import Accelerator
 
     model, tok = _tiny()
-    ref = spc.frozen_copy(SimpleNamespace(policy=model))
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     lm = SimpleNamespace(model=model, tokenizer=tok, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
@@ -201,11 +202,15 @@ def test_reference_is_frozen_and_the_policy_moves():
     role = spc.Role("critic", lm, ref)
     rows = [Row([5, 6, 7], [8, 9, 2], 1.0), Row([5, 6], [10, 2], -1.0), Row([7, 7], [11, 12, 2])]
     with torch.no_grad():
+        for q in ref.parameters():  # a reference that differs from the policy, as after round 0
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(1)))
         before_ref, before = spc.row_lbar(ref, rows, tok.pad_token_id, "cpu"), spc.row_lbar(model, rows, tok.pad_token_id, "cpu")
+        expected, _ = spc_loss(before, before_ref, torch.tensor([1.0, -1, 0]), torch.tensor([False, False, True]))
     stats = spc.train_rows(role, rows, spc.Args(micro_batch_size=2), torch.Generator().manual_seed(0), epochs=1, batch_size=3, alpha=0.15)
     with torch.no_grad():
         after_ref, after = spc.row_lbar(ref, rows, tok.pad_token_id, "cpu"), spc.row_lbar(model, rows, tok.pad_token_id, "cpu")
     assert torch.equal(before_ref, after_ref) and not torch.equal(before, after) and stats["opt_steps"] == 1
+    assert stats["loss"] == pytest.approx(expected.item(), abs=1e-5)  # ℓ̄_ref from π_ref, not from the policy
     assert all(not q.requires_grad for q in ref.parameters())
 
 
@@ -267,14 +272,18 @@ def test_planted_errors_are_wrong_where_they_are_planted(level):
         assert s.steps[k].split(" = ")[1] != p.meta["steps"][k].split(" = ")[1]  # every type changes the result
 
 
-def test_each_error_type_and_what_check_steps_sees():
-    rng, known = random.Random(0), {3, 8, 5, 11}
+@pytest.mark.parametrize("seed", range(20))
+def test_each_error_type_and_what_check_steps_sees(seed):
+    rng, known = random.Random(seed), {3, 8, 5, 11}
     calc, _ = se.plant_error("11 + 5 = 16", known, "calculation error", rng)
     misread, _ = se.plant_error("11 + 5 = 16", known, "misread number", rng)
     op, _ = se.plant_error("11 + 5 = 16", known, "wrong operation", rng)
     first = lambda step: check_steps(f"3 + 8 = 11\n{step}", [3, 8, 5]).first_error  # noqa: E731
     assert first(calc) == 1 and first(misread) == 1 and first(op) is None  # a wrong operation is grounded arithmetic
     assert op in ("11 - 5 = 6", "11 * 5 = 55")
+    # never the same result, never below zero
+    assert se.plant_error("2 + 2 = 4", {2}, "wrong operation", rng)[0] == "2 - 2 = 0"
+    assert se.plant_error("3 + 5 = 8", {3, 5}, "wrong operation", rng)[0] == "3 * 5 = 15"
 
 
 def test_own_solutions_locate_the_first_wrong_step():
