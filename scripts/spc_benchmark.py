@@ -48,8 +48,8 @@ class Args:
     """round-0 SFT steps per role"""
     sft_batch_size: int = 8
     """rows per SFT step"""
-    sft_lr: float = 5e-5
-    """round-0 learning rate"""
+    sft_lr: float = 1e-4
+    """round-0 learning rate (few steps: a high rate teaches the format)"""
     lr: float = 1e-5
     """RL learning rate"""
     iterations: int = 2
