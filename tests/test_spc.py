@@ -453,3 +453,14 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
 
 def test_module_imports_without_side_effects():
     importlib.reload(spc)
+
+
+def test_processbench_rows_become_solutions_cut_after_the_first_error(monkeypatch):
+    import shared.tasks
+
+    rows = [{"id": "gsm8k-0", "generator": "x", "problem": "P", "steps": ["s1", "s2", "s3"], "final_answer_correct": False,
+             "label": 1}, {"id": "gsm8k-1", "generator": "x", "problem": "Q", "steps": ["t1", "t2"], "final_answer_correct": True,
+                           "label": -1}]
+    monkeypatch.setattr(shared.tasks, "_load_hub_dataset", lambda task, path, config=None: {"gsm8k": rows})
+    sols = se.processbench_solutions("gsm8k")
+    assert sols == [se.Solution("P", ["s1", "s2"], 1, "processbench"), se.Solution("Q", ["t1", "t2"], -1, "processbench")]
