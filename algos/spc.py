@@ -56,7 +56,6 @@ from torch import Tensor
 
 from shared.args import LMArgs, cli, require, usage_error
 from shared.logprobs import token_logprobs
-from shared.models import chat_prompt
 from shared.rollouts import PromptStream
 from shared.run import Run
 from shared.sampling import generate
@@ -105,8 +104,10 @@ class Args(LMArgs):  # the experiment flags (--model, --seed, --lr, ...) come fr
     """accept t'_k only if p_orig ≥ this [unverified]"""
     min_drop: float = 0.5
     """... and p_sneaky ≤ p_orig − this [unverified]"""
-    solver_temperature: float = 1.0
-    """temperature of the solver's validation completions"""
+    solver_temperature: float = 0.7
+    """temperature of the solver's validation completions [unverified]"""
+    solver_shots: int = 1
+    """worked examples (training problems with their reference solutions) before the solver's problem"""
     solver_max_new_tokens: int = 32
     """budget of a solver completion (validation, own solutions, one search step)"""
     failed_validation: Literal["penalty", "drop"] = "penalty"
@@ -149,7 +150,7 @@ class Args(LMArgs):  # the experiment flags (--model, --seed, --lr, ...) come fr
     RULES: ClassVar[dict[str, str]] = {
         "iterations": ">= 0", "sft_steps": ">= 0", "sft_batch_size": "> 0", "sft_lr": ">= 0", "sft_examples": ">= 1",
         "games": ">= 1", "validation_rollouts": ">= 1", "p_orig_min": "[0, 1]", "min_drop": "[0, 1]",
-        "solver_temperature": ">= 0", "solver_max_new_tokens": ">= 1", "epsilon": "[0, 1]", "alpha": ">= 0",
+        "solver_temperature": ">= 0", "solver_shots": ">= 0", "solver_max_new_tokens": ">= 1", "epsilon": "[0, 1]", "alpha": ">= 0",
         "kl_coeff": ">= 0", "epochs": ">= 1", "batch_size": "> 0", "micro_batch_size": "> 0", "max_grad_norm": "> 0",
         "warmup_steps": ">= 0", "gen_batch_size": "> 0", "search_problems": ">= 0", "search_tries": ">= 1",
         "search_max_steps": ">= 1"}
@@ -403,15 +404,30 @@ def judge(model, tokenizer, items: list[tuple[str, list[str], str]], args: Args,
     return ro, [parse_verdict(t, args.strip_verdict) for t in ro.texts]
 
 
+def solver_prompt(tokenizer, task, problem, args: Args) -> str:
+    """The solver's chat: `solver_shots` worked examples (the first training problems and their reference
+    solutions), then the problem; the assistant's turn is open (a partial solution may be appended)."""
+    shots = [m for ex in task.train[:args.solver_shots] for m in ({"role": "user", "content": ex.prompt},
+                                                                  {"role": "assistant", "content": ex.meta["solution"]})]
+    return encode_chat(tokenizer, shots + [{"role": "user", "content": problem.prompt}])
+
+
+def up_to_answer(text: str) -> str:
+    """A solution ends at its first "Answer" line: what a small solver rambles on about afterwards is not graded."""
+    m = re.search(r"answer[^\n]*", text, re.IGNORECASE)
+    return text[:m.end()] if m else text
+
+
 def solver_success(solver, tokenizer, task, items: list[tuple], args: Args) -> list[float]:
-    """p: the share of N solver completions, from (problem, prefix + [step]), that reach the gold answer."""
+    """p: the share of N solver completions, from (problem, prefix + [step]), whose answer is the gold one."""
     N = args.validation_rollouts
     if not items:
         return []
     heads = ["".join(s + "\n" for s in prefix + [step]) for _, prefix, step in items]
-    prompts = [chat_prompt(tokenizer, p.prompt, task.system_prompt) + h for (p, _, _), h in zip(items, heads)]
+    prompts = [solver_prompt(tokenizer, task, p, args) + h for (p, _, _), h in zip(items, heads)]
     ro = sample(solver, tokenizer, prompts, args, n=N, temperature=args.solver_temperature, max_new_tokens=args.solver_max_new_tokens)
-    return [sum(task.verify(heads[i] + ro.texts[i * N + j], items[i][0]).correct for j in range(N)) / N for i in range(len(items))]
+    return [sum(task.verify(up_to_answer(heads[i] + ro.texts[i * N + j]), items[i][0]).correct for j in range(N)) / N
+            for i in range(len(items))]
 
 
 def evaluate_critic(model, tokenizer, solutions: list[Solution], args: Args) -> dict[str, float]:
@@ -429,8 +445,8 @@ def game_positions(problems, solver, tok, task, rng: random.Random, args: Args) 
     """(problem, correct prefix, correct next step t_k) with k uniform over a verified-correct solution:
     the reference steps, or the solver's own solution when `check_steps` passes it and its answer is right."""
     if args.step_source == "solver":
-        texts = sample(solver, tok, [chat_prompt(tok, p.prompt, task.system_prompt) for p in problems], args,
-                       temperature=args.solver_temperature, max_new_tokens=args.solver_max_new_tokens * 2).texts
+        texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in problems], args,
+                 temperature=args.solver_temperature, max_new_tokens=args.solver_max_new_tokens * 2).texts]
         checked = [(p, check_steps(t, p.meta["numbers"]), task.verify(t, p).correct) for p, t in zip(problems, texts)]
         solutions = [(p, [c.text for c in rep.steps]) for p, rep, ok in checked if ok and rep.all_ok]
     else:
@@ -490,7 +506,7 @@ def step_search(solver, critic, tokenizer, task, problems, args: Args) -> float:
         for attempt in range(args.search_tries if critic is not None else 1):
             if not todo:
                 break
-            prompts = [chat_prompt(tokenizer, problems[i].prompt, task.system_prompt) + texts[i] for i in todo]
+            prompts = [solver_prompt(tokenizer, task, problems[i], args) + texts[i] for i in todo]
             ro = sample(solver, tokenizer, prompts, args, temperature=args.solver_temperature,
                         max_new_tokens=args.solver_max_new_tokens)
             lines = [t.lstrip("\n").split("\n")[0] for t in ro.texts]
@@ -545,8 +561,8 @@ def main(args: Args) -> dict:
     if bench_file.exists():
         bench = [Solution(**s) for s in json.loads(bench_file.read_text())["solutions"]]
     else:
-        texts = sample(solver, tok, [chat_prompt(tok, p.prompt, task.system_prompt) for p in task.test], args,
-                       temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts
+        texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in task.test], args,
+                 temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts]
         own, unlocated = own_solutions(task.test, texts, lambda t, p: task.verify(t, p).correct)
         bench = planted_solutions(task.test, args.seed) + own
         bench_file.write_text(json.dumps({"unlocated_own_errors": unlocated, "solutions": [s.__dict__ for s in bench]}, indent=1))

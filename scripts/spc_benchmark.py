@@ -42,9 +42,9 @@ class Args:
     """seed of the split, the teacher file, the benchmark and the sampling"""
     n_train: int = 500
     """training problems (game positions, teacher file)"""
-    n_test: int = 60
+    n_test: int = 40
     """held-out problems the benchmark is built from"""
-    sft_steps: int = 20
+    sft_steps: int = 40
     """round-0 SFT steps per role"""
     sft_batch_size: int = 8
     """rows per SFT step"""
@@ -58,9 +58,15 @@ class Args:
     """sneaky attempts per round"""
     validation_rollouts: int = 8
     """N solver completions per step"""
+    solver_temperature: float = 0.7
+    """temperature of the solver's completions"""
+    solver_shots: int = 1
+    """worked examples in the solver's prompt"""
+    solver_max_new_tokens: int = 24
+    """budget of a solver completion"""
     epochs: int = 3
     """passes over each round's rows"""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     """critique / sneaky rewrite budget"""
     extra: str = ""
     """further flags for algos/spc.py, e.g. "--opponent initial" """
@@ -110,7 +116,8 @@ def write_docs(saved: dict, docs: pathlib.Path) -> None:
              f"(round-0 SFT {res['sft_s'] / 60:.1f} min). One seed ({a['seed']}).", "",
              f"Budget: {a['n_train']} training problems; round 0 = {a['sft_steps']} SFT steps × {a['sft_batch_size']} rows per "
              f"role (lr {a['sft_lr']}) on the programmatic teacher file; {a['iterations']} self-play rounds of {a['games']} sneaky "
-             f"attempts, N = {a['validation_rollouts']} solver completions per step, {a['epochs']} epochs over each round's rows "
+             f"attempts, N = {a['validation_rollouts']} solver completions per step (T = {a['solver_temperature']}, "
+             f"{a['solver_shots']} worked example(s), {a['solver_max_new_tokens']} tokens), {a['epochs']} epochs over each round's rows "
              f"(+ as many teacher rows, α = 0.15), lr {a['lr']}, {a['max_new_tokens']} new tokens per critique. "
              f"Extra flags: `{a['extra'] or 'none'}`.", "",
              f"Benchmark (built from {a['n_test']} held-out problems, deterministic from the seed): {b['solutions']} solutions, "
@@ -165,6 +172,8 @@ def main(a: Args) -> None:
              "--n-test", str(a.n_test), "--sft-steps", str(a.sft_steps), "--sft-batch-size", str(a.sft_batch_size),
              "--sft-lr", str(a.sft_lr), "--lr", str(a.lr), "--iterations", str(a.iterations), "--games", str(a.games),
              "--validation-rollouts", str(a.validation_rollouts), "--epochs", str(a.epochs),
+             "--solver-temperature", str(a.solver_temperature), "--solver-shots", str(a.solver_shots),
+             "--solver-max-new-tokens", str(a.solver_max_new_tokens),
              "--max-new-tokens", str(a.max_new_tokens), "--output-dir", a.output_dir, *a.extra.split()]
     command = "python scripts/spc_benchmark.py " + shlex.join(sys.argv[1:])
     sys.argv = ["spc.py", *flags]

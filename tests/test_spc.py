@@ -187,6 +187,20 @@ def test_validation_on_hand_made_rollouts(monkeypatch):
     assert accept_sneaky(p_orig, p_wrong) and not accept_sneaky(p_orig, p_reword)
 
 
+@pytest.mark.parametrize("text, cut", [("3 + 8 = 11\nAnswer: 11\nNow 11 + 5 = 16", "3 + 8 = 11\nAnswer: 11"),
+                                       ("no answer line 12", "no answer line 12"), ("The answer is 9.\n10", "The answer is 9.")])
+def test_a_solution_ends_at_its_first_answer_line(text, cut):
+    assert spc.up_to_answer(text) == cut
+
+
+def test_solver_prompt_holds_the_worked_examples():
+    task, tok = load_task("multistep", n_train=3, n_test=1), _tiny()[1]
+    one = spc.solver_prompt(tok, task, task.test[0], spc.Args(solver_shots=1))
+    assert task.train[0].meta["solution"] in one and task.train[1].meta["solution"] not in one
+    assert one.endswith(spc.encode_chat(tok, [{"role": "user", "content": task.test[0].prompt}]).split("<|im_end|>")[-1])
+    assert task.train[0].prompt not in spc.solver_prompt(tok, task, task.test[0], spc.Args(solver_shots=0))
+
+
 # ---------------------------------------------------------------- §8 test 10: the reference stays frozen
 def test_reference_is_frozen_and_the_policy_moves():
     from types import SimpleNamespace
