@@ -2,16 +2,14 @@
 
 Paper: Chen et al., "SPC: Evolving Self-Play Critic via Adversarial Games for LLM Reasoning",
 arXiv:2504.19162 (NeurIPS 2025); released trainer chen-judge/SPC (src/trainers.py). Spec:
-shared/papers/spc.md (§ below). The method text was not retrievable, so the equations carry the
-spec's tags instead of equation numbers.
+shared/papers/spc.md (§ below). The method text was not retrievable: equations carry the spec's tags.
 
-Two copies of one base model play a zero-sum game. The sneaky generator gets a problem, a correct
-partial solution and the correct next step t_k, picks an error type and rewrites t_k into a subtly
-wrong t'_k. t'_k enters the game only if it really breaks the solution: a fixed solver completes the
-solution N times from each step and its success rate must drop. The critic reads problem, partial
-solution and a last step, writes an analysis and ends with <Answer>Correct</Answer> or
-<Answer>Incorrect</Answer>; it also judges the paired original step. Winner +1, loser −1; both roles
-are updated offline on their game records against their frozen round-0 model.
+Two copies of one base model play a zero-sum game. The sneaky generator rewrites the correct next step
+t_k of a correct partial solution into a subtly wrong t'_k of a chosen error type; t'_k enters the game
+only if it really breaks the solution (a fixed solver, completing it N times from each step, succeeds
+much less often from t'_k). The critic judges t'_k, and the paired t_k, with an analysis that ends in
+<Answer>Correct</Answer> or <Answer>Incorrect</Answer>. Winner +1, loser −1; both roles are updated
+offline on their game records against their frozen round-0 model.
 
     accept t'_k  ⇔  p_orig ≥ 0.75  and  p_sneaky ≤ p_orig − 0.5      (solver success, N = 8) [unverified]
     R_critic = +1 if its verdict is right, else −1;   R_sneaky = −R_critic on validated t'_k  (Fig. 2)
@@ -25,14 +23,14 @@ Choices (spec items marked [unverified] are flags with the spec's defaults):
 - Two models, as in the paper: `critic` and `generator` are separate copies of `--model`, each with
   its own optimizer and its own frozen round-0 reference. The solver that validates sneaky steps, and
   writes the benchmark's own solutions, is a third, frozen copy of the base model.
-- Round 0: the paper fine-tunes both roles on PRM800K with GPT-4 / R1 critiques. We have no such
-  data, so a programmatic teacher writes it from the `multistep` reference solutions: planted errors
-  of three types (calculation error, misread number, wrong operation), a critique that recomputes the
-  expected next step, and a sneaky CoT naming the error type. The same file is the α-SFT data.
-- Step data: reference solutions (`meta["steps"]`, verified correct by construction); `--step-source
-  solver` uses the solver's own solutions that `check_steps` passes and that reach the gold answer.
-- Responses end with EOS (the released collator appends none): our models must learn to stop.
-- Rewards do not look at truncation: a verdict or a step either parses or it does not.
+- Round 0: the paper fine-tunes both roles on PRM800K with GPT-4 / R1 critiques. Instead, a
+  programmatic teacher plants errors of three types (calculation error, misread number, wrong
+  operation) in `multistep` reference solutions and writes a critique that recomputes the expected
+  next step and a sneaky CoT naming the error type. The same file is the α-SFT data.
+- Step data: reference solutions (`meta["steps"]`, correct by construction); `--step-source solver`
+  uses the solver's own solutions that `check_steps` passes and that reach the gold answer.
+- Responses end with EOS (the released collator appends none); rewards do not look at truncation: a
+  verdict or a step either parses or it does not.
 - A constant learning rate after warm-up (the paper: WarmupDecayLR over 3 epochs of a fixed file).
 - One process only (the game is sequential and small); `main` refuses torchrun with one line.
 """
@@ -48,6 +46,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -361,8 +360,8 @@ def row_lbar(model, rows: list[Row], pad_id: int, device) -> Tensor:
 def train_rows(role: Role, rows: list[Row], args: Args, gen: torch.Generator, *, epochs: int, batch_size: int,
                alpha: float) -> dict:
     """`epochs` shuffled passes over `rows`, one optimizer step per `batch_size` rows, loss `spc_loss`."""
-    lm, pad = role.lm, role.lm.tokenizer.pad_token_id
-    device, sums = lm.accelerator.device, {"loss": 0.0, "grad_norm": 0.0, "clipped": 0, "kl": 0.0, "n_rl": 0, "steps": 0}
+    lm, pad, sums = role.lm, role.lm.tokenizer.pad_token_id, Counter()
+    device = lm.accelerator.device
     rl = [i for i, r in enumerate(rows) if r.adv is not None]
     lref = torch.zeros(len(rows), device=device)
     with torch.no_grad():  # ℓ̄_ref once: π_ref is frozen
@@ -375,13 +374,11 @@ def train_rows(role: Role, rows: list[Row], args: Args, gen: torch.Generator, *,
         for batch in torch.randperm(len(rows), generator=gen).split(batch_size):
             n_rl = int((~is_sft[batch]).sum())
             for micro in batch.split(args.micro_batch_size):
-                p_ids, p_mask, c_ids, c_mask = pad_rows([rows[i] for i in micro.tolist()], pad, device)
-                lbar = mean_logprob(token_logprobs(lm.model, p_ids, p_mask, c_ids, c_mask), c_mask)
+                lbar = row_lbar(lm.model, [rows[i] for i in micro.tolist()], pad, device)
                 loss, s = spc_loss(lbar, lref[micro], adv[micro], is_sft[micro], epsilon=args.epsilon, alpha=alpha,
                                    kl_coeff=args.kl_coeff, reduction=args.reduction, n_rl=n_rl, n_sft=len(batch) - n_rl)
                 lm.accelerator.backward(loss)
-                sums["loss"] += loss.item()
-                sums["clipped"], sums["kl"], sums["n_rl"] = sums["clipped"] + s["clipped"], sums["kl"] + s["kl"], sums["n_rl"] + s["n_rl"]
+                sums.update(s | {"loss": loss.item()})
             sums["grad_norm"] += float(lm.accelerator.clip_grad_norm_(lm.params, args.max_grad_norm))
             lm.optimizer.step()
             lm.scheduler.step()
@@ -432,13 +429,10 @@ def solver_success(solver, tokenizer, task, items: list[tuple], args: Args) -> l
 
 def evaluate_critic(model, tokenizer, solutions: list[Solution], args: Args) -> dict[str, float]:
     """Greedy critiques of every step up to each solution's first error (temperature 0, as the eval script)."""
-    where = [(i, j) for i, s in enumerate(solutions) for j in range(len(s.steps))]
-    _, verdicts = judge(model, tokenizer, [(solutions[i].problem, solutions[i].steps[:j], solutions[i].steps[j])
-                                           for i, j in where], args, temperature=0.0)
-    per = [[0] * len(s.steps) for s in solutions]
-    for (i, j), v in zip(where, verdicts):
-        per[i][j] = v
-    return benchmark_metrics(solutions, per)
+    items = [(s.problem, s.steps[:j], s.steps[j]) for s in solutions for j in range(len(s.steps))]
+    _, verdicts = judge(model, tokenizer, items, args, temperature=0.0)
+    it = iter(verdicts)  # back into one list per solution
+    return benchmark_metrics(solutions, [[next(it) for _ in s.steps] for s in solutions])
 
 
 def game_positions(problems, solver, tok, task, rng: random.Random, args: Args) -> list[tuple]:
@@ -548,24 +542,21 @@ def main(args: Args) -> dict:
         generator.lm.optimizer.load_state_dict(g["optimizer"])
         generator.lm.scheduler.load_state_dict(g["scheduler"])
     sft_step, rounds = state.get("sft_step", 0), state.get("round", 0)
-    stream, sft_stream = PromptStream(len(task.train), args.seed, state.get("cursor", 0)), None
+    stream = PromptStream(len(task.train), args.seed, state.get("cursor", 0))
 
     # ---- the round-0 teacher files (deterministic from the seed)
-    critic_ex, generator_ex = teacher_examples(task.train, args.sft_examples, args.seed)
-    critic.sft = [sft_row(tok, m, t) for m, t in critic_ex]
-    generator.sft = [sft_row(tok, m, t) for m, t in generator_ex]
+    for role, examples in zip((critic, generator), teacher_examples(task.train, args.sft_examples, args.seed)):
+        role.sft = [sft_row(tok, m, t) for m, t in examples]
     sft_stream = PromptStream(len(critic.sft), args.seed, state.get("sft_cursor", 0))
 
-    # ---- the step-error benchmark: planted first errors + the base model's own wrong solutions (greedy)
-    bench_file = run.dir / "benchmark.json"
-    if bench_file.exists():
-        bench = [Solution(**s) for s in json.loads(bench_file.read_text())["solutions"]]
-    else:
-        texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in task.test], args,
-                 temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts]
-        own, unlocated = own_solutions(task.test, texts, lambda t, p: task.verify(t, p).correct)
-        bench = planted_solutions(task.test, args.seed) + own
-        bench_file.write_text(json.dumps({"unlocated_own_errors": unlocated, "solutions": [s.__dict__ for s in bench]}, indent=1))
+    # ---- the step-error benchmark: planted first errors + the base model's own wrong solutions (greedy,
+    # so a resumed run rebuilds the same one)
+    texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in task.test], args,
+             temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts]
+    own, unlocated = own_solutions(task.test, texts, lambda t, p: task.verify(t, p).correct)
+    bench = planted_solutions(task.test, args.seed) + own
+    (run.dir / "benchmark.json").write_text(json.dumps({"unlocated_own_errors": unlocated,
+                                                        "solutions": [s.__dict__ for s in bench]}, indent=1))
     pb = processbench_solutions(args.processbench) if args.processbench else None
     log(f"benchmark: {len(bench)} solutions ({sum(s.source == 'own' for s in bench)} own wrong), "
         f"{sum(len(s.steps) for s in bench)} steps")
@@ -586,8 +577,7 @@ def main(args: Args) -> dict:
         return dict(sft_step=sft_step, round=rounds, cursor=stream.cursor, sft_cursor=sft_stream.cursor, generator=g)
 
     stage = lambda: sft_step + rounds  # noqa: E731  the x-axis of the metrics: SFT steps, then rounds
-    before = evaluate(0, "base model") if sft_step == 0 and rounds == 0 else None
-    last = before
+    before = last = evaluate(0, "base model") if sft_step == 0 and rounds == 0 else None
     try:
         # ---- round 0: SFT of both roles on the teacher files
         while sft_step < args.sft_steps:
