@@ -341,8 +341,9 @@ def judge_scores(model, tokenizer, items: list[tuple[str, str, str, str]], args:
 
 def evaluate_mt(model, tokenizer, rows: list[dict], args: Args) -> dict:
     """Greedy actor on `rows` in every direction: chrF of ŷ against the references (per direction and
-    their mean; a malformed output is an empty translation), BLEU over all directions, the lenient chrF, the format rate, and the
-    model's own judge score of its well-formed answers (with parse failures, language ratio, quotes)."""
+    their mean; a malformed output is an empty translation), BLEU over all directions, the lenient chrF,
+    the format rate, and the model's own judge score of its well-formed answers (with parse failures,
+    language ratio, quotes)."""
     prefix = "<think>" if args.prefill_think else ""
     res, lenient, answers, refs, parsed_all, items = {}, [], [], [], [], []
     for d in args.directions:
