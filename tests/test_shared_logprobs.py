@@ -286,3 +286,24 @@ def test_shared_prompt_on_cat_rollouts_token_id_prompts_and_tiny_chunks(tiny):
         for chunk_size in (1, 1024):
             torch.testing.assert_close(logprobs(model, r, 0.7, chunk_size=chunk_size),
                                        logprobs(model, r, 0.7, share_prompt=False), rtol=0, atol=1e-5)
+
+
+def test_algorithms_cut_batches_of_whole_groups(rollout):
+    """GRPO/NFT shuffle whole groups and cut micro-batches in whole groups, so each prompt runs once per
+    micro-batch; below one group a micro-batch keeps its size (and still shares within the group)."""
+    from shared.rollouts import group_micro_batch, shuffled_groups
+
+    torch.manual_seed(0)
+    order = shuffled_groups(12, 4)
+    assert sorted(order.tolist()) == list(range(12))
+    assert all(chunk.tolist() == list(range(chunk[0], chunk[0] + 4)) and chunk[0] % 4 == 0 for chunk in order.split(4))
+    assert [group_micro_batch(m, 4) for m in (1, 3, 4, 7, 8, 16, 17)] == [1, 3, 4, 4, 8, 16, 16]
+    model, _ = load_model("tiny", device="cpu", log=lambda *a: None)
+    with torch.no_grad():
+        want = logprobs(model, rollout, share_prompt=False)[order]
+        for micro in (4, 8):
+            chunks = order.split(micro)
+            got = torch.cat([token_logprobs(model, rollout.prompt_ids[c], rollout.prompt_mask[c], rollout.completion_ids[c],
+                                            rollout.completion_mask[c]) for c in chunks])
+            assert all(len(prompt_groups(rollout.prompt_ids[c], rollout.prompt_mask[c])[0]) == micro // 4 for c in chunks)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
