@@ -57,7 +57,7 @@ def token_logprobs(
     C = completion_ids.shape[1]
     if C == 0:
         return torch.zeros(completion_ids.shape, device=completion_ids.device)
-    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompt else None
+    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompt and keeps_cache(model) else None
     if groups is not None:
         logp = _shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                        groups, temperature, chunk_size)
@@ -81,6 +81,14 @@ def token_logprobs(
 def positions(attention_mask: Tensor) -> Tensor:
     """position_ids that count real tokens only (padding gets 0): cumsum(mask) - 1, as `generate` does."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def keeps_cache(model) -> bool:
+    """False where the model would drop the key/value cache: gradient checkpointing (transformers turns
+    the cache off in training mode with autograd on, to recompute layers in the backward pass)."""
+    inner = getattr(model, "module", model)  # DDP / accelerate
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return not (getattr(inner, "is_gradient_checkpointing", False) and inner.training and torch.is_grad_enabled())
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -107,7 +115,9 @@ def prefill(model, ids: Tensor, mask: Tensor, groups: tuple[Tensor, Tensor]):
     mask = mask[first].long()
     out = model(input_ids=ids[first], attention_mask=mask, position_ids=positions(mask), use_cache=True,
                 logits_to_keep=1)
-    cache = out[CACHE]
+    cache = getattr(out, CACHE, None)
+    if cache is None or cache.get_seq_length() != ids.shape[1]:
+        raise RuntimeError("the model returned no key/value cache for the prompts; pass share_prompt=False")
     cache.batch_select_indices(group)  # keys/values [K, ...] -> [N, ...]: row n holds its prompt's
     return out.logits, cache
 

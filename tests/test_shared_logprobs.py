@@ -307,3 +307,14 @@ def test_algorithms_cut_batches_of_whole_groups(rollout):
                                             rollout.completion_mask[c]) for c in chunks])
             assert all(len(prompt_groups(rollout.prompt_ids[c], rollout.prompt_mask[c])[0]) == micro // 4 for c in chunks)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_falls_back_to_the_plain_path(rollout):
+    """transformers drops the cache under gradient checkpointing (training mode, autograd on): the
+    shared path must not run then, or the answers would be scored without their prompt."""
+    model, _ = load_model("tiny", device="cpu", log=lambda *a: None)
+    weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(3))
+    plain = logprobs_and_grads(model, rollout, weights, 1.0, share_prompt=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert_same(logprobs_and_grads(model, rollout, weights, 1.0, share_prompt=True), plain)
