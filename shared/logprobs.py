@@ -17,11 +17,12 @@ longer part (≈ 46 chat-template tokens against ≤ 24 answer tokens in the def
 adjacent rows share their prompt (the `Rollout` layout), the prompt runs once per group with
 `use_cache=True`, its key/value cache is repeated for the group's rows, and the answers run against
 it. This is exact, not an approximation: in a causal model the prompt's activations do not depend on
-what follows them, so the G copies the plain path computes are identical, and the repeat is an
-indexing op whose backward sums the G answers' gradients into the one prompt activation — the sum
-that the plain path accumulates in the weights' gradients G times over. Results agree with the plain
-path up to float32 summation order (tests/test_shared_logprobs.py); `share_prompt=False` forces the
-plain path.
+what follows them, so the G copies the plain path computes are identical; and the repeat is an
+indexing op whose backward sums the G answers' gradients with respect to the prompt's keys and
+values, which is what the plain path's G identical copies add to the weights' gradients one by one.
+Results agree with the plain path up to float32 summation order (tests/test_shared_logprobs.py,
+also under DDP and LoRA); `share_prompt=False` forces the plain path, and so does gradient
+checkpointing, under which transformers drops the cache.
 """
 
 from __future__ import annotations
