@@ -19,6 +19,12 @@ between `on_step_begin` and `on_step_end` of its training loop (generation + sco
 Both are split into generation (sampling and verifying the answers), reference (π_ref log-probs,
 plus rewards and advantages for TRL) and update (the policy's forward, backward and optimizer step);
 for TRL the split comes from timing its `_generate` and `_generate_and_score_completions`.
+Our trainer runs twice, with the shared prompt (each prompt computed once per group: `share_prompt`
+in shared/logprobs.py and shared/sampling.py, the default) and without it (every row computes its own
+copy of the prompt); with the same seed both draw the same prompts and sample the same answers
+until float32 rounding (which differs between the two paths) flips a sampled token; the JSONL row
+records each step's reward and answer length and the number of leading steps on which they agree.
+`--skip-plain` leaves out the second run.
 Results are appended to `--out` (JSON lines) and printed as markdown rows.
 """
 
@@ -45,11 +51,21 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_ours(a) -> dict:
+def run_ours(a, share_prompt: bool = True) -> dict:
+    import inspect
+
     import torch
 
+    import shared.logprobs
+    import shared.sampling
     from algos.grpo import Args, main
     from shared.run import read_metrics
+
+    if not share_prompt:  # every call that does not pass share_prompt takes the per-row path
+        for fn in (shared.logprobs.token_logprobs, shared.sampling.generate):
+            fn = inspect.unwrap(fn)  # generate is wrapped by torch.no_grad
+            assert fn.__code__.co_varnames[fn.__code__.co_argcount - 1] == "share_prompt"
+            fn.__defaults__ = fn.__defaults__[:-1] + (False,)
 
     out = main(Args(model=a.model, task="arith", seed=a.seed, total_steps=a.steps, batch_size=a.batch_size,
                     group_size=a.group_size, max_new_tokens=a.max_new_tokens, lr=a.lr, beta=a.beta,
@@ -58,6 +74,7 @@ def run_ours(a) -> dict:
     rows = [r for r in read_metrics(Path(out["run_dir"])) if "perf/step_s" in r]
     split = {k: [r[f"perf/{k}_s"] for r in rows] for k in ("gen", "ref", "update")}
     return {"step_s": [r["perf/step_s"] for r in rows], **split, "peak_mb": peak_memory_mb(),
+            "reward": [r["train/reward"] for r in rows], "completion_len": [r["train/completion_len"] for r in rows],
             "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")}
 
 
@@ -137,18 +154,20 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-defaults", action="store_true",
                    help="TRL with its defaults (gradient checkpointing, bias-corrected KL) instead of matched settings")
+    p.add_argument("--skip-plain", action="store_true",
+                   help="leave out the run of our trainer without the shared prompt")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "grpo_vs_trl.jsonl"))
-    p.add_argument("--which", choices=["both", "ours", "trl"], default="both", help=argparse.SUPPRESS)
+    p.add_argument("--which", choices=["both", "ours", "ours_plain", "trl"], default="both", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.which != "both":  # child process: run one trainer, print one JSON line
-        res = run_ours(a) if a.which == "ours" else run_trl(a)
+        res = run_trl(a) if a.which == "trl" else run_ours(a, share_prompt=a.which == "ours")
         print("RESULT " + json.dumps(res))
         return
 
     results = {}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    for which in ("ours", "trl"):
+    for which in ("ours",) + (() if a.skip_plain else ("ours_plain",)) + ("trl",):
         cmd = [sys.executable, __file__, "--which", which] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -166,7 +185,20 @@ def main():
            "ours_step_s": med["ours"], "trl_step_s": med["trl"], "ratio_ours_over_trl": med["ours"] / med["trl"],
            "ours_split_s": split["ours"], "trl_split_s": split["trl"],
            "ours_peak_mb": results["ours"]["peak_mb"], "trl_peak_mb": trl["peak_mb"],
-           "ours_all_steps": results["ours"]["step_s"], "trl_all_steps": trl["step_s"]}
+           "ours_all_steps": results["ours"]["step_s"], "trl_all_steps": trl["step_s"],
+           "ours_reward": results["ours"]["reward"], "ours_completion_len": results["ours"]["completion_len"]}
+    if "ours_plain" in results:
+        plain = results["ours_plain"]
+        row.update({"ours_plain_step_s": med["ours_plain"], "ours_plain_split_s": split["ours_plain"],
+                    "speedup_shared_prompt": med["ours_plain"] / med["ours"],
+                    "ratio_ours_plain_over_trl": med["ours_plain"] / med["trl"],
+                    "ours_plain_peak_mb": plain["peak_mb"], "ours_plain_all_steps": plain["step_s"],
+                    "ours_plain_reward": plain["reward"], "ours_plain_completion_len": plain["completion_len"]})
+        # float32 rounding differs between the two paths, so a sampled token may flip at some step and
+        # the runs diverge from there on: count the leading steps whose batches still agree
+        same = [r == q and n == m for r, q, n, m in zip(row["ours_reward"], plain["reward"],
+                                                         row["ours_completion_len"], plain["completion_len"])]
+        row["same_batch_steps"] = same.index(False) if False in same else len(same)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -178,6 +210,11 @@ def main():
     print(f"| {a.model} | {row['device']} ({os.cpu_count()} CPUs) | {a.batch_size}×{a.group_size} | {a.max_new_tokens} | "
           f"{a.beta} | {trl_config} | {med['ours']:.2f} ({fmt(split['ours'])}) | {med['trl']:.2f} ({fmt(split['trl'])}) | "
           f"{row['ratio_ours_over_trl']:.2f} | {row['ours_peak_mb']:.0f} | {row['trl_peak_mb']:.0f} |")
+    if "ours_plain" in results:
+        print(f"\nwithout the shared prompt: {med['ours_plain']:.2f} s/step ({fmt(split['ours_plain'])}), "
+              f"ours/TRL {row['ratio_ours_plain_over_trl']:.2f}, peak {row['ours_plain_peak_mb']:.0f} MB; "
+              f"shared-prompt speed-up {row['speedup_shared_prompt']:.2f}x; the same rewards and answer lengths "
+              f"in the first {row['same_batch_steps']} of {len(same)} steps")
 
 
 def torch_version() -> str:
