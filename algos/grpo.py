@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from shared.args import StepArgs, cli
 from shared.logprobs import token_logprobs
-from shared.rollouts import PromptStream, rollout_logprobs, sample_groups
+from shared.rollouts import PromptStream, group_micro_batch, rollout_logprobs, sample_groups, shuffled_groups
 from shared.run import Run
 
 
@@ -70,9 +70,9 @@ class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, .
     num_iterations: int = 1
     """μ: optimisation epochs over each rollout batch (1 in all three papers)"""
     mini_batch_size: int | None = None
-    """sequences per optimizer step (None = the whole rollout: one on-policy update per step)"""
+    """sequences per optimizer step, whole groups in random order (None = the whole rollout: one on-policy update)"""
     micro_batch_size: int = 16
-    """sequences per forward/backward on one process (gradient accumulation; no effect on the maths)"""
+    """sequences per forward/backward on one process, in whole groups (each prompt runs once); no effect on the maths"""
     gen_batch_size: int | None = None
     """rows per `generate` call (None = all at once)"""
     beta: float | None = None
@@ -234,15 +234,16 @@ def main(args: Args) -> dict:
             n_local = adv.shape[0]
             mini = (args.mini_batch_size or n_local * world) // world
             all_rows = torch.arange(n_local, device=device)
+            micro = group_micro_batch(args.micro_batch_size, args.group_size)  # rows per forward pass: whole groups
 
             # π_old log-probs once per rollout; with a single on-policy update they equal logp.detach()
             t1 = time.time()
             on_policy = args.num_iterations == 1 and mini >= n_local
-            old_logp = None if on_policy else rollout_logprobs(model, ro, all_rows, args.temperature, args.micro_batch_size)
+            old_logp = None if on_policy else rollout_logprobs(model, ro, all_rows, args.temperature, micro)
             ref_logp = None
             if args.beta > 0:  # π_ref: the frozen initial policy (with LoRA: the adapter disabled)
                 with lm.reference() as ref:
-                    ref_logp = rollout_logprobs(ref, ro, all_rows, args.temperature, args.micro_batch_size)
+                    ref_logp = rollout_logprobs(ref, ro, all_rows, args.temperature, micro)
             t_ref = time.time() - t1  # π_old (off-policy only) and π_ref forward passes
 
             # μ epochs × mini-batches; every mini-batch is one optimizer step (Alg. 1, step 6)
@@ -250,9 +251,9 @@ def main(args: Args) -> dict:
             t2, sums = time.time(), {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "n": 0}
             with run.atomic():  # Ctrl-C / SIGTERM wait for the end of the update: no half-updated checkpoint
                 for _ in range(args.num_iterations):
-                    for rows in torch.randperm(n_local, device=device).split(mini):
+                    for rows in shuffled_groups(n_local, args.group_size, device).split(mini):
                         num_tokens = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum")
-                        micro_rows = rows.split(args.micro_batch_size)
+                        micro_rows = rows.split(micro)
                         for k, mrows in enumerate(micro_rows):
                             sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
                             with sync:

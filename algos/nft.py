@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from shared.args import StepArgs, cli
 from shared.logprobs import token_logprobs
-from shared.rollouts import PromptStream, rollout_logprobs, sample_groups
+from shared.rollouts import PromptStream, group_micro_batch, rollout_logprobs, sample_groups, shuffled_groups
 from shared.run import Run
 
 
@@ -73,7 +73,7 @@ class Args(StepArgs):  # the experiment flags (--model, --task, --total-steps, .
     The paper splits each rollout into 16 mini-batches of 32 prompts; at B = 4 prompts the closest is
     one group per mini-batch, 4 updates per rollout, so only the first is on-policy (pitfall 6)"""
     micro_batch_size: int = 16
-    """sequences per forward/backward on one process (gradient accumulation; no effect on the maths)"""
+    """sequences per forward/backward on one process, in whole groups (each prompt runs once); no effect on the maths"""
     gen_batch_size: int | None = None
     """rows per `generate` call (None = all at once)"""
     max_gen_batches: int = 10
@@ -201,21 +201,21 @@ def main(args: Args) -> dict:
             n_local = correct.shape[0]
             mini = (args.mini_batch_size or n_local * world) // world
             on_policy = mini >= n_local
+            micro = group_micro_batch(args.micro_batch_size, args.group_size)  # rows per forward pass: whole groups
             old_logp = None if on_policy else rollout_logprobs(
-                model, ro, torch.arange(n_local, device=device), args.temperature, args.micro_batch_size)
+                model, ro, torch.arange(n_local, device=device), args.temperature, micro)
 
             # 6. one epoch of mini-batch updates with the NFT loss
             model.train()
             t2, sums = time.time(), {"loss": 0.0, "pos": 0.0, "neg": 0.0, "clip": 0.0, "grad_norm": 0.0, "n": 0}
             with run.atomic():  # Ctrl-C / SIGTERM wait for the end of the update: no half-updated checkpoint
-                K = args.group_size  # mini-batches of whole groups, in a shuffled order (the code splits by prompts)
-                order = (torch.randperm(n_local // K)[:, None] * K + torch.arange(K)).flatten().to(device)
-                for rows in order.split(mini):
+                # mini-batches of whole groups, in a shuffled order (the code splits by prompts)
+                for rows in shuffled_groups(n_local, args.group_size, device).split(mini):
                     if args.loss_type == "constant":
                         normaliser = args.loss_constant or len(rows) * world * args.max_new_tokens
                     else:
                         normaliser = accelerator.reduce(ro.completion_mask[rows].sum(), reduction="sum").clamp(min=1)
-                    micro_rows = rows.split(args.micro_batch_size)
+                    micro_rows = rows.split(micro)
                     for k, mrows in enumerate(micro_rows):
                         sync = nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
                         with sync:

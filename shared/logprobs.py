@@ -11,6 +11,18 @@ Every policy-gradient and preference loss in `algos/` starts from these numbers,
 - The vocabulary is big (49k for SmolLM2, 150k for Qwen): the model returns logits only for the
   positions that predict completion tokens, and the log-softmax is done a chunk of rows at a time in
   float32, never for the whole [batch, length, vocab] tensor at once.
+
+Group methods (GRPO, NFT, ...) score G answers to the same prompt, and the prompt is usually the
+longer part (≈ 46 chat-template tokens against ≤ 24 answer tokens in the default GRPO run). When
+adjacent rows share their prompt (the `Rollout` layout), the prompt runs once per group with
+`use_cache=True`, its key/value cache is repeated for the group's rows, and the answers run against
+it. This is exact, not an approximation: in a causal model the prompt's activations do not depend on
+what follows them, so the G copies the plain path computes are identical; and the repeat is an
+indexing op whose backward sums the G answers' gradients with respect to the prompt's keys and
+values, which is what the plain path's G identical copies add to the weights' gradients one by one.
+Results agree with the plain path up to float32 summation order (tests/test_shared_logprobs.py,
+also under DDP and LoRA); `share_prompt=False` forces the plain path, and so does gradient
+checkpointing, under which transformers drops the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The keyword (and output field) of a model's key/value cache: `cache` in recent transformers,
+# `past_key_values` before it was renamed.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def token_logprobs(
@@ -28,30 +45,102 @@ def token_logprobs(
     completion_mask: Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    share_prompt: bool = True,
 ) -> Tensor:
     """[N, C] log π(o_t | q, o_<t) of each completion token under logits / temperature; 0 where mask == 0.
 
     prompt_ids/prompt_mask [N, P] left-padded, completion_ids/completion_mask [N, C] right-padded (the
     layout of `shared.sampling.Rollout`). Differentiable; wrap in torch.no_grad() for old/ref log-probs.
+    share_prompt: run each prompt once for the adjacent rows that share it (`prompt_groups`; faster
+    when whole groups are in one call, the same numbers however the rows are split); False: every row
+    on its own.
     """
     C = completion_ids.shape[1]
     if C == 0:
         return torch.zeros(completion_ids.shape, device=completion_ids.device)
+    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompt and keeps_cache(model) else None
+    if groups is not None:
+        logp = _shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                       groups, temperature, chunk_size)
+        return logp.masked_fill(completion_mask == 0, 0.0)
     # The logits at position p predict token p + 1, so completion token t is predicted by position
     # P - 1 + t, and the last completion token predicts nothing we need: drop it from the input and keep
     # only the last C positions' logits ([N, C, V], contiguous).
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)[:, :-1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)[:, :-1].long()
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=positions(attention_mask),
         logits_to_keep=C,
         use_cache=False,
     ).logits
     logp = selective_log_softmax(logits, completion_ids, temperature=temperature, chunk_size=chunk_size)
     return logp.masked_fill(completion_mask == 0, 0.0)
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """position_ids that count real tokens only (padding gets 0): cumsum(mask) - 1, as `generate` does."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def keeps_cache(model) -> bool:
+    """False where the model would drop the key/value cache: gradient checkpointing (transformers turns
+    the cache off in training mode with autograd on, to recompute layers in the backward pass)."""
+    inner = getattr(model, "module", model)  # DDP / accelerate
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return not (getattr(inner, "is_gradient_checkpointing", False) and inner.training and torch.is_grad_enabled())
+
+
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(first, group) for rows that come in runs of identical adjacent prompts: `first` [K] the first row
+    of each run, `group` [N] the run of each row (0..K-1). None when sharing cannot help or apply: no two
+    adjacent rows share a prompt, or some row's prompt does not end in the last column (an empty
+    prompt, or padding on the right)."""
+    if len(prompt_ids) < 2 or prompt_ids.shape[1] == 0 or not prompt_mask[:, -1].bool().all():
+        return None
+    real = prompt_mask.bool()
+    same = (real[1:] == real[:-1]).all(dim=1) & ((prompt_ids[1:] == prompt_ids[:-1]) | ~real[1:]).all(dim=1)
+    if not same.any():
+        return None
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def prefill(model, ids: Tensor, mask: Tensor, groups: tuple[Tensor, Tensor]):
+    """Run the distinct prompts ids[first] once with `use_cache=True` and repeat their key/value cache for
+    every row (row n gets prompt group[n]). Returns (logits of each distinct prompt's last position
+    [K, 1, V], the cache with N rows). Differentiable: the backward of the repeat sums the rows'
+    gradients into their prompt's activations."""
+    first, group = groups
+    mask = mask[first].long()
+    out = model(input_ids=ids[first], attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                logits_to_keep=1)
+    cache = getattr(out, CACHE, None)
+    if cache is None or cache.get_seq_length() != ids.shape[1]:
+        raise RuntimeError("the model returned no key/value cache for the prompts; pass share_prompt=False")
+    cache.batch_select_indices(group)  # keys/values [K, ...] -> [N, ...]: row n holds its prompt's
+    return out.logits, cache
+
+
+def _shared_prompt_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups,
+                            temperature, chunk_size) -> Tensor:
+    """`token_logprobs` with each distinct prompt run once: the prompt's last position predicts answer
+    token 0, and answer tokens 0..C-2, run against the prompt's cache, predict tokens 1..C-1."""
+    P, C = prompt_ids.shape[1], completion_ids.shape[1]
+    last_logits, cache = prefill(model, prompt_ids, prompt_mask, groups)
+    logp = [selective_log_softmax(last_logits[groups[1]], completion_ids[:, :1], temperature, chunk_size)]
+    if C > 1:
+        attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).long()  # cache + new tokens
+        logits = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask)[:, P:],  # the positions the plain path gives these tokens
+            use_cache=True,
+            **{CACHE: cache},
+        ).logits
+        logp.append(selective_log_softmax(logits, completion_ids[:, 1:], temperature, chunk_size))
+    return torch.cat(logp, dim=1)
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:

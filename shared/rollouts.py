@@ -110,6 +110,19 @@ def sample_groups(accelerator, model, tokenizer, task, stream: PromptStream, *, 
                   raw_accuracy=float(correct_all.mean()) if len(correct_all) else 0.0)
 
 
+def shuffled_groups(n_rows: int, group_size: int, device=None) -> torch.Tensor:
+    """Rows 0..n_rows-1 in a random order of whole groups: the G rows of a group stay adjacent and in order,
+    so mini- and micro-batches cut from it run each prompt once for its group (`shared.logprobs`)."""
+    order = torch.randperm(n_rows // group_size)
+    return (order[:, None] * group_size + torch.arange(group_size)).flatten().to(device)
+
+
+def group_micro_batch(micro_batch_size: int, group_size: int) -> int:
+    """Rows per forward pass: `micro_batch_size` rounded down to whole groups; below one group it stays as
+    it is (a group's answers then share their prompt's pass within each micro-batch)."""
+    return micro_batch_size - micro_batch_size % group_size if micro_batch_size >= group_size else micro_batch_size
+
+
 def rollout_logprobs(model, ro: Rollout, rows: torch.Tensor, temperature: float, micro_batch_size: int,
                      grad: bool = False) -> torch.Tensor:
     """Log-probs of the answer tokens of `ro[rows]`, `micro_batch_size` rows per forward pass.

@@ -11,6 +11,11 @@ no top-k, no repetition penalty, whatever the checkpoint's generation_config say
 distribution `shared.logprobs.token_logprobs(..., temperature=T)` scores, so ratios π_θ / π_old
 start at exactly 1 on-policy (GRPO pitfalls 5 and 7). With top_p < 1 the sampler draws from a
 truncated distribution that the log-probs do not model; the papers we follow use top_p = 1.
+
+The n samples of a prompt share its prefill: each distinct prompt but its last token runs once, its
+key/value cache is repeated n times, and `model.generate` continues from that cache (processing only
+the last prompt token of each row, then sampling as usual). The sampler sees the same logits up to
+float32 rounding and draws from the torch RNG in the same order, so a seed gives the same tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import BoolTensor, LongTensor, Tensor
 from transformers import GenerationConfig
+
+from shared.logprobs import CACHE, prefill, prompt_groups
 
 
 @dataclass
@@ -119,10 +126,13 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int | None = None,
+    share_prompt: bool = True,
 ) -> Rollout:
     """Sample n completions for each prompt (chat-templated text, or token ids) with `model.generate`.
 
     batch_size: rows (prompt copies) per `generate` call; None = all N rows at once.
+    share_prompt: prefill each prompt once for the adjacent rows that repeat it (see the module
+    docstring); False: every row prefills its own copy.
     Uses the global torch RNG (seed it for reproducible samples).
     """
     gen_model = getattr(model, "module", model)  # unwrap DDP / accelerate; peft models generate as is
@@ -146,7 +156,8 @@ def generate(
         with neutral_generation_config(hf_model):
             for start in range(0, len(prompt_ids), step):
                 ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
-                out = gen_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                cache = shared_prefill(gen_model, ids, mask) if share_prompt else {}
+                out = gen_model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
                 chunks.append(out[:, ids.shape[1] :])  # keep only the new tokens
     finally:
         gen_model.train(was_training)
@@ -167,6 +178,17 @@ def generate(
         [row[m.bool()] for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True
     )
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, truncated, pad_id)
+
+
+def shared_prefill(model, ids: LongTensor, mask: LongTensor) -> dict:
+    """{cache keyword: the key/value cache of every row's prompt but its last token}, computed once per
+    run of identical adjacent prompts, for `model.generate(input_ids=ids, ..., **this)`; {} when no
+    two adjacent rows share a prompt (or the prompts are a single column wide)."""
+    groups = prompt_groups(ids, mask) if ids.shape[1] > 1 else None
+    if groups is None:
+        return {}
+    _, cache = prefill(model, ids[:, :-1], mask[:, :-1], groups)
+    return {CACHE: cache}
 
 
 def cat_rollouts(rollouts: list[Rollout], rows: list[list[int]] | None = None) -> Rollout:

@@ -1,12 +1,13 @@
 """shared/sampling.py on the tiny model: layout of a Rollout, EOS masking, truncation, greedy
-determinism, chunking, and that checkpoint generation defaults cannot distort sampling."""
+determinism, chunking, that checkpoint generation defaults cannot distort sampling, and that sampling
+from a prompt prefilled once per group is sampling from the same distribution as before."""
 
 import pytest
 import torch
 
 from shared.models import chat_prompt, load_model
 from shared.logprobs import token_logprobs
-from shared.sampling import cat_rollouts, generate
+from shared.sampling import cat_rollouts, eos_token_ids, generate, sampling_config, shared_prefill
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,85 @@ def test_next_turn_prompt_holds_the_first_turns_exact_tokens_and_masks_only_the_
             assert turn2[len(prompt) + len(answer)] == tok.eos_token_id
     # the new rollout's completion mask covers only turn-2 tokens: at most max_new_tokens per row
     assert (second.completion_mask.sum(1) <= 5).all() and second.completion_mask.shape[1] <= 5
+
+
+# ------------------------------------------------------------------ prefill once per group
+def assert_same_rollout(a, b):
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.texts == b.texts
+
+
+@pytest.mark.parametrize("temperature, top_p, batch_size", [(1.0, 1.0, None), (0.7, 1.0, 5), (1.0, 0.9, 7)])
+def test_shared_prefill_samples_the_same_tokens(tiny, temperature, top_p, batch_size):
+    """Same seed, same tokens: the shared prefill changes the logits only by float32 rounding and the sampler
+    draws from the RNG in the same order (batch_size 5 and 7 cut groups of 4 across `generate` calls)."""
+    model, tok = tiny
+    kwargs = dict(n=4, max_new_tokens=30, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    torch.manual_seed(0)
+    shared = generate(model, tok, prompts_for(tok), **kwargs)
+    torch.manual_seed(0)
+    plain = generate(model, tok, prompts_for(tok), share_prompt=False, **kwargs)
+    assert shared.truncated.any() and (~shared.truncated).any()  # both kinds of rows (EOS and truncation)
+    assert_same_rollout(shared, plain)
+
+
+def test_shared_prefill_with_ragged_token_id_prompts_multi_turn_and_lora():
+    from shared.sampling import next_turn_prompts
+
+    model, tok = load_model("tiny", device="cpu", lora_r=2, log=lambda *a: None)
+    with torch.no_grad():  # a non-trivial adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+
+    def both_ways(prompts, seed):
+        runs = []
+        for share in (True, False):
+            torch.manual_seed(seed)
+            runs.append(generate(model, tok, prompts, n=3, max_new_tokens=12, share_prompt=share))
+        assert_same_rollout(*runs)
+        assert shared_prefill(model, runs[0].prompt_ids, runs[0].prompt_mask)  # (there was something to share)
+        return runs[0]
+
+    # a single-token prompt (its prefill is all padding) next to longer, left-padded ones; then a second turn
+    first = both_ways([[7], [1, 50, 60], list(range(3, 40))], seed=1)
+    both_ways(next_turn_prompts(tok, first, ["Check."] * len(first)), seed=2)
+
+
+def test_shared_prefill_gives_the_sampler_the_same_probabilities(tiny):
+    """The distribution itself, step by step: the sampler's scores after the shared prefill equal those
+    after a full prefill of every row, to 1e-5 (independently of which tokens were drawn)."""
+    model, tok = tiny
+    prompts = prompts_for(tok)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
+    config = sampling_config(eos_token_ids(model, tok), tok.pad_token_id, 16, temperature=0.7, top_p=1.0, greedy=False)
+    config.update(output_scores=True, return_dict_in_generate=True)
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            cache = shared_prefill(model, ids, mask)
+            shared = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
+    finally:
+        hook.remove()
+    P = ids.shape[1]
+    assert seen[:2] == [(3, P - 1), (12, 1)]  # each prompt but its last token once, then every row's last token
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(shared.sequences, plain.sequences)
+    for a, b in zip(shared.scores, plain.scores):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite)
+        torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=1e-5)
+
+
+def test_no_shared_prefill_for_distinct_prompts(tiny):
+    """Greedy evaluation (one sample per prompt) runs exactly as before: nothing to share."""
+    model, tok = tiny
+    enc = tok(prompts_for(tok), return_tensors="pt", padding=True, add_special_tokens=False)
+    assert shared_prefill(model, enc.input_ids, enc.attention_mask) == {}
