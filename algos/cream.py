@@ -24,7 +24,7 @@ C_x (`dyn`); `off` is the ablation C = 1 (plain DPO on the same implicitly rewar
 is the paper's SRLM baseline: the same model scores its answers with Yuan et al.'s additive 5-point
 LLM-as-judge prompt, and the pairs are trained with plain DPO.
 
-Choices and simplifications (see docs/cream/README_section.md for the reasons):
+Choices and simplifications (README's CREAM section gives the reasons):
 - The seed set D_S is the task's first `n_seed` training problems with their reference solutions
   (OASST1 in the paper); the iterations' prompts D_U^t are the next, disjoint blocks of
   `prompts_per_iteration` training problems. M_0 is the instruct model.

@@ -1,7 +1,7 @@
 """STaR / B-STaR: the spec's §8 numbers (balance score, thresholds, dedup, monitors, step schedule, the
 48 × 4 configuration search), the step-checker process reward, hint stripping, the loss mask,
 restart-from-base vs continue, in-process runs that train, and subprocess smoke runs with resume.
-Each test names the bug it catches; docs/star/README_section.md lists the broken copies they were run against."""
+Each test names the bug it catches; docs/star/broken_copies.md lists the broken copies they were run against."""
 
 import json
 import math
