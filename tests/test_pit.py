@@ -346,7 +346,9 @@ def test_smoke_every_stage(tmp_path):
     for key in ("train/kl", "train/loss", "train/grad_norm", "pit/gap", "pit/copy_gap", "train/accuracy",
                 "pit/true_win", "perf/gen_s", "perf/update_s", "perf/tokens_per_s"):
         assert math.isfinite(rl[0][key]), key
-    assert rl[0]["train/kl"] == 0.0  # §8.8: M_PIT = M_PIT^SFT at the start of RL
+    # §8.8: M_PIT = M_PIT^SFT at the start of RL (up to fp32 rounding: the policy's and the reference's
+    # log-probs come from differently sized batches, so the shared-prompt matmuls round differently)
+    assert abs(rl[0]["train/kl"]) < 1e-6
     for r in rl:  # by default an answer cut off at --max-new-tokens earns nothing and moves nothing
         assert r["train/truncated_frac"] < 1 or (r["train/loss"] == 0.0 and r["train/grad_norm"] == 0.0)
     for k in ("heldout_init", "heldout", "train"):
@@ -422,7 +424,7 @@ def test_an_interrupt_inside_any_stage_resumes_to_the_uninterrupted_result(tmp_p
     and the resumed run ends bit-identical to a straight one."""
     straight = _main(TINY + ["--output-dir", str(tmp_path / "a")], monkeypatch)
     kl = [r["train/kl"] for r in _rows(Path(straight["run_dir"])) if "train/kl" in r]
-    assert kl[0] == 0.0 and all(k != 0.0 for k in kl[1:])  # §8.8: the KL to M_PIT^SFT grows once M_PIT moves
+    assert abs(kl[0]) < 1e-6 and all(abs(k) > 1e-5 for k in kl[1:])  # §8.8: the KL to M_PIT^SFT grows once M_PIT moves
     real, calls = getattr(pit, where), []
 
     def interrupt(*a, **k):
