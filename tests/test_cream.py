@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from algos.cream import (attach_consistency, consistency_rate, cream_loss, kendall_tau, lr_factor, ordinal_ranks,
                          pair_logps, pair_up, parse_judge_score, precompute_reference, preference_pair, self_reward,
                          stage_batches)
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,16 +245,6 @@ def _run(args, out_dir, cmd=None, timeout=300):
     return out
 
 
-def _only_run(d):
-    runs = [p for p in Path(d).iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _state(run):
     from safetensors.torch import load_file
 
@@ -270,7 +261,7 @@ def _assert_same_end(a, b):
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
     for name in ("M2.safetensors", "M3.safetensors"):  # the kept snapshots too
         assert (a / "models" / name).read_bytes() == (b / "models" / name).read_bytes()
-    rows = lambda r: [(m["step"], m.get("cream/consistency"), m.get("train/loss")) for m in _metrics(r)  # noqa: E731
+    rows = lambda r: [(m["step"], m.get("cream/consistency"), m.get("train/loss")) for m in read_metrics(r)  # noqa: E731
                       if "train/loss" in m]
     assert rows(a) == rows(b)
 
@@ -280,14 +271,14 @@ def straight(tmp_path_factory):
     """One uninterrupted `--iterations 2` run that every interrupted or resumed run must end identical to."""
     out = tmp_path_factory.mktemp("straight")
     _run(TINY + ["--iterations", "2"], out)
-    return _only_run(out)
+    return only_run(out)
 
 
 @pytest.mark.slow
 def test_smoke_one_iteration(tmp_path):
     _run(TINY + ["--iterations", "1", "--batch-size", "8", "--consistency", "dyn"], tmp_path)
-    run = _only_run(tmp_path)
-    rows = _metrics(run)
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]  # M_0, M_1 (SFT), M_2
     it = next(r for r in rows if "cream/consistency" in r)
     assert it["step"] == 2 and it["cream/pairs"] >= 1 and it["cream/prompts"] == 8
@@ -307,9 +298,9 @@ def test_smoke_one_iteration(tmp_path):
 @pytest.mark.slow
 def test_smoke_srlm_judge(tmp_path):
     out = _run(TINY + ["--iterations", "1", "--judge", "--judge-samples", "1", "--judge-max-new-tokens", "6"], tmp_path)
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     assert run.name.startswith("srlm__")
-    it = next(r for r in _metrics(run) if "cream/pairs" in r)
+    it = next(r for r in read_metrics(run) if "cream/pairs" in r)
     assert json.loads((run / "args.json").read_text())["consistency"] == "off"
     assert 0 <= it["train/scored_frac"] <= 1 and "iteration 1" in out.stdout  # a random model rarely writes "Score: n"
 
@@ -317,7 +308,7 @@ def test_smoke_srlm_judge(tmp_path):
 @pytest.mark.slow
 def test_resume_at_an_iteration_matches_an_uninterrupted_run(tmp_path, straight):
     _run(TINY + ["--iterations", "1"], tmp_path)
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     out = _run(["--resume", str(run), "--iterations", "2"], tmp_path)
     assert "resumed" in out.stdout and "stage 2" in out.stdout
     _assert_same_end(straight, run)
@@ -331,13 +322,13 @@ def test_sigterm_mid_run_saves_and_resume_ends_identically(tmp_path, straight):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for the SFT stage to be logged: the kill lands in iteration 1 or 2
         runs = list(tmp_path.iterdir())
-        if runs and (runs[0] / "metrics.jsonl").exists() and any("train/loss" in r for r in _metrics(runs[0])):
+        if runs and (runs[0] / "metrics.jsonl").exists() and any("train/loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after stage" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["stage"] >= 1
     _run(["--resume", str(run)], tmp_path)
     _assert_same_end(straight, run)
@@ -375,11 +366,11 @@ def _killed_and_resumed(tmp_path, monkeypatch, kill):
         monkeypatch.undo()
         with monkeypatch.context() as m:
             m.setattr(sys, "argv", ["cream.py"])
-            cream.main(cream.Args(resume=str(_only_run(tmp_path))))
+            cream.main(cream.Args(resume=str(only_run(tmp_path))))
     finally:
         torch.set_num_threads(threads)
         monkeypatch.undo()
-    return _only_run(tmp_path)
+    return only_run(tmp_path)
 
 
 @pytest.mark.slow
@@ -410,7 +401,7 @@ def test_ctrl_c_anywhere_saves_a_checkpoint_that_resume_finishes_identically(tmp
 @pytest.mark.slow
 def test_each_stage_is_a_fresh_adam_run(straight):
     _, state = _state(straight)
-    last = [m for m in _metrics(straight) if "train/steps" in m][-1]
+    last = [m for m in read_metrics(straight) if "train/steps" in m][-1]
     steps = {float(v["step"]) for v in state["optimizer"]["state"].values()}
     assert steps == {last["train/steps"]} == {2.0}  # Adam's step count restarted with the last stage
 
@@ -420,7 +411,7 @@ def test_sft_only_then_each_method_resumes_from_the_same_m1(tmp_path, straight):
     import shutil
 
     _run(TINY + ["--iterations", "0"], tmp_path / "sft")
-    sft = _only_run(tmp_path / "sft")
+    sft = only_run(tmp_path / "sft")
     assert torch.load(sft / "checkpoint" / "trainer_state.pt", weights_only=False)["stage"] == 1
     for flags in ([], ["--judge", "--consistency", "off", "--judge-samples", "1", "--judge-max-new-tokens", "4"]):
         copy = tmp_path / ("judge" if flags else "cream") / sft.name
@@ -451,7 +442,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(worker)]
     _run(TINY + ["--iterations", "2"], tmp_path / "runs", cmd=cmd)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
-    rows = _metrics(_only_run(tmp_path / "runs"))
+    rows = read_metrics(only_run(tmp_path / "runs"))
     its = [r for r in rows if "cream/prompts" in r]
     assert [r["step"] for r in its] == [2, 3] and all(r["cream/prompts"] == 8 for r in its)  # every prompt, once
 

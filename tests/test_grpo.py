@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from algos.grpo import grpo_loss, group_advantages, mixed_groups, soft_overlong_penalty
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,22 +222,12 @@ def _run(args, tmp_path, cmd=None, timeout=300):
     return out
 
 
-def _only_run(tmp_path):
-    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["grpo", "dapo"])
 def test_smoke_writes_metrics_and_checkpoint(tmp_path, variant):
     _run(TINY + ["--total-steps", "2", "--variant", variant], tmp_path)
-    run = _only_run(tmp_path)
-    rows = _metrics(run)
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2]
     for key in ("train/reward", "train/accuracy", "train/format_rate", "train/kl", "grpo/clip_frac",
@@ -262,9 +253,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     _run(TINY + ["--total-steps", "3"], straight)
     _run(TINY + ["--total-steps", "1"], split)
-    run = _only_run(split)
+    run = only_run(split)
     _run(["--resume", str(run), "--total-steps", "3"], split)
-    a, b = _only_run(straight) / "checkpoint", run / "checkpoint"
+    a, b = only_run(straight) / "checkpoint", run / "checkpoint"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "trainer_state.pt", weights_only=False) for p in (a, b))
@@ -272,7 +263,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     for k in sa["optimizer"]["state"]:
         assert torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
-    steps = [r["step"] for r in _metrics(run) if "train/loss" in r]
+    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
     assert steps == [1, 2, 3]  # the resumed run appended steps 2 and 3 to the same metrics file
 
 
@@ -298,7 +289,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     _run(TINY + ["--total-steps", "2"], tmp_path / "runs", cmd=cmd)
     h0, h1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
     assert h0 == h1
-    rows = _metrics(_only_run(tmp_path / "runs"))
+    rows = read_metrics(only_run(tmp_path / "runs"))
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # logged once, by the main process
 
 
@@ -314,15 +305,15 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until at least one training step is logged
         runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-        if runs and any("train/loss" in r for r in _metrics(runs[0])):
+        if runs and any("train/loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after step" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     step = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
-    logged = [r["step"] for r in _metrics(run) if "train/loss" in r]
+    logged = [r["step"] for r in read_metrics(run) if "train/loss" in r]
     assert step >= 1 and logged[-1] == step  # nothing logged was lost
     _run(["--resume", str(run), "--total-steps", str(step + 1)], tmp_path)
-    assert [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step + 1
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step + 1

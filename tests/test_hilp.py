@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shared.maze import Maze2D, spearman
+from tests.helpers import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("hilp", ROOT / "algos" / "hilp.py")
@@ -411,15 +412,11 @@ def _run(*extra, out):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
 @pytest.mark.slow
 def test_smoke_run_and_resume_continues_exactly(tmp_path):
     _run("--total-steps", "40", "--seed", "3", out=tmp_path / "a")
     (run_a,) = [p for p in (tmp_path / "a").iterdir() if p.name.startswith("hilp__")]
-    m = _metrics(run_a)
+    m = read_metrics(run_a)
     assert [r["step"] for r in m if "train/loss" in r] == [10, 20, 30, 40]
     final = [r for r in m if "eval/success" in r][-1]
     assert final["step"] == 40 and 0.0 <= final["eval/success"] <= 1.0 and "eval/success_plan" in final
@@ -438,7 +435,7 @@ def test_smoke_run_and_resume_continues_exactly(tmp_path):
     assert state_b["step"] == 40
     for k, v in state_a["model"].items():  # 20 + 20 steps == 40 steps, bit for bit
         torch.testing.assert_close(state_b["model"][k], v, rtol=0, atol=0)
-    train_b = [r for r in _metrics(run_b) if "train/loss" in r]
+    train_b = [r for r in read_metrics(run_b) if "train/loss" in r]
     assert [r["step"] for r in train_b] == [10, 20, 30, 40]
     train_a = [r for r in m if "train/loss" in r]
     assert [r["train/loss"] for r in train_b] == [r["train/loss"] for r in train_a]

@@ -3,7 +3,6 @@ loss and α, divergence slicing, the self-evaluation parse, step cutting and de-
 termination on degenerate steps, the filter, and subprocess runs (smoke, resume, SIGTERM, torchrun,
 bad flags)."""
 
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ from algos.mcts_dpo import (Args, Node, add_child, backup, candidate, cdpo_alpha
                             confidence, cut_step, divergence, node_score, outcome, pair_rows, puct, search_question,
                             sequence_logps, simulate, step_prior, tree_batches, tree_search)
 from shared.models import build_tiny_model, build_tiny_tokenizer
-from shared.tasks import Problem
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 P_A, P_B = step_prior(-2.0, 4, 1.25), step_prior(-1.0, 2, 1.25)  # §8.1: 0.702189, 0.656752
@@ -327,20 +326,10 @@ def _run(args, out_dir, cmd=None, timeout=300):
     return out
 
 
-def _only_run(d):
-    runs = [p for p in Path(d).iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_filter_on_the_tiny_model_makes_no_update(tmp_path):
     out = mcts.main(mcts.Args(model="tiny", n_train=8, n_test=2, prompts_per_iteration=2, iterations=1,
                               max_new_tokens=8, step_tokens=4, simulations=2, root_multiplier=1, output_dir=str(tmp_path)))
-    rows = [r for r in _rows(Path(out["run_dir"])) if "train/updates" in r]
+    rows = [r for r in read_metrics(Path(out["run_dir"])) if "train/updates" in r]
     assert rows[0]["train/updates"] == 0 and rows[0]["mcts_dpo/kept_trees"] == 0  # tiny is never right
     state = torch.load(Path(out["run_dir"]) / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["optimizer"]["state"] == {}  # zero optimizer contributions
@@ -370,8 +359,8 @@ def test_smoke_one_round_two_prompts_and_resume_matches_a_straight_run(tmp_path)
 
     _run(TINY + ["--iterations", "2"], tmp_path / "straight")
     _run(TINY + ["--iterations", "1"], tmp_path / "split")
-    run = _only_run(tmp_path / "split")
-    rows = _rows(run)
+    run = only_run(tmp_path / "split")
+    rows = read_metrics(run)
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1] and train[0]["train/updates"] == 1 and train[0]["mcts_dpo/kept_trees"] == 2
     for key in ("mcts_dpo/tree_nodes", "mcts_dpo/pairs_per_tree", "mcts_dpo/policy_calls", "mcts_dpo/search_s",
@@ -380,7 +369,7 @@ def test_smoke_one_round_two_prompts_and_resume_matches_a_straight_run(tmp_path)
     assert train[0]["train/grad_norm"] > 0 and [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1]
     resumed = _run(["--resume", str(run), "--iterations", "2"], tmp_path / "split")
     assert "resumed" in resumed.stdout
-    a, b = _only_run(tmp_path / "straight") / "checkpoint", run / "checkpoint"
+    a, b = only_run(tmp_path / "straight") / "checkpoint", run / "checkpoint"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "trainer_state.pt", weights_only=False) for p in (a, b))
@@ -389,7 +378,7 @@ def test_smoke_one_round_two_prompts_and_resume_matches_a_straight_run(tmp_path)
         for m in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa["optimizer"]["state"][k][m], sb["optimizer"]["state"][k][m])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
-    assert [r["step"] for r in _rows(run) if "train/loss" in r] == [1, 2]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]
 
 
 SMALL = dict(model="tiny", n_train=8, n_test=2, n_dev=0, prompts_per_iteration=2, max_new_tokens=12, step_tokens=4,
@@ -424,7 +413,7 @@ def test_baseline_outcome_dpo_trains_on_a_right_and_a_wrong_answer(tmp_path, mon
     out = mcts.main(mcts.Args(**SMALL, iterations=1, baseline=True, group_size=8, lr=1e-3, output_dir=str(tmp_path)))
     run = Path(out["run_dir"])
     assert run.name.startswith("outcome_dpo__multistep__")
-    row = [r for r in _rows(run) if "train/updates" in r][0]
+    row = [r for r in read_metrics(run) if "train/updates" in r][0]
     assert row["mcts_dpo/tree_nodes"] == 0 and row["mcts_dpo/pairs"] >= 1 and row["mcts_dpo/alpha"] == 0.0
     assert row["train/updates"] >= 1 and row["train/grad_norm"] > 0
 
@@ -437,18 +426,18 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until round 1 is logged
         runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-        if runs and any("train/loss" in r for r in _rows(runs[0])):
+        if runs and any("train/loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after round" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
     done = state["iteration"]
-    assert done >= 1 and [r["step"] for r in _rows(run) if "train/loss" in r][-1] == done
+    assert done >= 1 and [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == done
     _run(["--resume", str(run), "--iterations", str(done + 1), "--simulations", "4"], tmp_path)
-    assert [r["step"] for r in _rows(run) if "train/loss" in r][-1] == done + 1
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == done + 1
 
 
 WORKER = """
@@ -472,7 +461,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(worker)]
     _run(TINY + ["--iterations", "1"], tmp_path / "runs", cmd=cmd)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
-    rows = [r for r in _rows(_only_run(tmp_path / "runs")) if "train/loss" in r]
+    rows = [r for r in read_metrics(only_run(tmp_path / "runs")) if "train/loss" in r]
     assert len(rows) == 1 and rows[0]["mcts_dpo/kept_trees"] == 2 and rows[0]["train/grad_norm"] > 0
 
 

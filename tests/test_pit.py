@@ -20,6 +20,7 @@ from algos.pit import (Args, GapRewardModel, improve_chain, improvement_message,
 from shared.preferences import (Triple, builtin_triples, hh_triple, quality, tldr_triple, wrong_step_solution)
 from shared.steps import check_steps
 from shared.tasks import load_task
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,16 +304,6 @@ def _run(args, out_dir, timeout=300):
     return out
 
 
-def _only_run(path):
-    runs = [p for p in Path(path).iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _state(run):
     """Everything a finished run leaves: M_PIT, M_PIT^SFT, R_PIT, the inference chains."""
     from safetensors.torch import load_file
@@ -337,9 +328,9 @@ def _main(argv, monkeypatch):
 @pytest.mark.slow
 def test_smoke_every_stage(tmp_path):
     out = _run([a for a in TINY if a != "--score-truncated"], tmp_path)
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     assert run.name.startswith("pit__multistep__0__") and "R_PIT held-out ordering accuracy (heldout)" in out.stdout
-    rows = _rows(run)
+    rows = read_metrics(run)
     assert sum("sft/loss" in r for r in rows) == 3 and sum("rm/loss" in r for r in rows) == 3
     rl = [r for r in rows if "train/reward" in r]
     assert [r["pit/round"] for r in rl] == [0, 0, 0, 1, 1, 1]
@@ -409,10 +400,10 @@ def test_rl_rewards_score_each_answer_against_the_reference_in_its_prompt(tmp_pa
 def test_resume_after_a_round_continues_the_curriculum_like_a_straight_run(tmp_path):
     _run(TINY, tmp_path / "straight")
     _run(TINY + ["--curriculum", "data"], tmp_path / "split")
-    run = _only_run(tmp_path / "split")
+    run = only_run(tmp_path / "split")
     out = _run(["--resume", str(run), "--curriculum", "data", "policy"], tmp_path / "split")
     assert "resumed" in out.stdout and (run / "inference_1.json").exists() and (run / "inference_2.json").exists()
-    _same(_state(_only_run(tmp_path / "straight")), _state(run))
+    _same(_state(only_run(tmp_path / "straight")), _state(run))
 
 
 @pytest.mark.slow
@@ -423,7 +414,7 @@ def test_an_interrupt_inside_any_stage_resumes_to_the_uninterrupted_result(tmp_p
     the checkpoint holds the last complete update (with R_PIT's weights and AdamW state inside stage 2)
     and the resumed run ends bit-identical to a straight one."""
     straight = _main(TINY + ["--output-dir", str(tmp_path / "a")], monkeypatch)
-    kl = [r["train/kl"] for r in _rows(Path(straight["run_dir"])) if "train/kl" in r]
+    kl = [r["train/kl"] for r in read_metrics(Path(straight["run_dir"])) if "train/kl" in r]
     assert abs(kl[0]) < 1e-6 and all(abs(k) > 1e-5 for k in kl[1:])  # §8.8: the KL to M_PIT^SFT grows once M_PIT moves
     real, calls = getattr(pit, where), []
 
@@ -436,7 +427,7 @@ def test_an_interrupt_inside_any_stage_resumes_to_the_uninterrupted_result(tmp_p
     with pytest.raises(KeyboardInterrupt):
         _main(TINY + ["--output-dir", str(tmp_path / "b")], monkeypatch)
     monkeypatch.setattr(pit, where, real)
-    run = _only_run(tmp_path / "b")
+    run = only_run(tmp_path / "b")
     assert "checkpoint" in [p.name for p in run.iterdir()]
     _main(["--resume", str(run)], monkeypatch)
     _same(_state(Path(straight["run_dir"])), _state(run))
@@ -452,15 +443,15 @@ def test_sigterm_saves_a_checkpoint_that_resume_finishes(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for a few RL updates
         runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-        if runs and sum("train/reward" in r for r in _rows(runs[0])) >= 3:
+        if runs and sum("train/reward" in r for r in read_metrics(runs[0])) >= 3:
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after stage rl0:data update" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
-    logged = [r["step"] for r in _rows(run) if "train/reward" in r]
+    logged = [r["step"] for r in read_metrics(run) if "train/reward" in r]
     assert state["completed"] == ["sft", "rm"] and state["update"] >= 3 and logged[-1] == state["step"]
     _run(["--resume", str(run), "--rl-steps", str(state["update"] + 1), "--curriculum", "data"], tmp_path)
     assert json.loads((run / "inference_1.json").read_text())

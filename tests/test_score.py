@@ -4,7 +4,6 @@ with Dr. GRPO, masks of the two-turn rollout, the metric identities, and subproc
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import signal
@@ -19,6 +18,7 @@ import torch
 from algos.score import (
     ANSWER_FORMAT, P1, Args, answer_key, edit_distance, edit_ratio, k3, majority_vote, self_correction_metrics,
     shaped_turn2_reward, stage1_loss, stage2_loss, stage_of, train_reward, two_turn_rollout)
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -305,22 +305,12 @@ def _run(args, out_dir, cmd=None, timeout=300):
     return out
 
 
-def _only_run(path):
-    runs = [p for p in path.iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_smoke_both_stages_on_the_command_line(tmp_path):
     _run(TINY + ["--total-steps", "4", "--eval-every", "2", "--eval-k", "2", "--offline-frac", "0.5", "--baseline"],
          tmp_path)
-    run = _only_run(tmp_path)
-    rows = _metrics(run)
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["score/stage"] for r in train] == [1, 1, 2, 2]
     for key in ("train/reward", "train/accuracy", "train/kl", "train/grad_norm",
@@ -343,12 +333,12 @@ def test_both_stages_train_and_resume_matches_an_uninterrupted_run(tmp_path):
     flags = TINY + ["--eval-every", "10", "--save-every", "10", "--baseline"]
     _run(flags + ["--total-steps", "4"], straight, cmd=_worker(tmp_path))
     _run(flags + ["--total-steps", "1"], split, cmd=_worker(tmp_path))  # stops inside Stage I
-    run = _only_run(split)
+    run = only_run(split)
     _run(["--resume", str(run), "--total-steps", "4"], split, cmd=_worker(tmp_path))
-    rows = [r for r in _metrics(_only_run(straight)) if "train/loss" in r]
+    rows = [r for r in read_metrics(only_run(straight)) if "train/loss" in r]
     assert [r["score/stage"] for r in rows] == [1, 1, 2, 2] and all(r["train/grad_norm"] > 0 for r in rows)
     assert rows[-1]["train/kl"] > 0  # the policy has left π_ref
-    a, b = _only_run(straight) / "checkpoint", run / "checkpoint"
+    a, b = only_run(straight) / "checkpoint", run / "checkpoint"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "trainer_state.pt", weights_only=False) for p in (a, b))
@@ -357,7 +347,7 @@ def test_both_stages_train_and_resume_matches_an_uninterrupted_run(tmp_path):
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa["optimizer"]["state"][k][moment], sb["optimizer"]["state"][k][moment])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
-    assert [r["step"] for r in _metrics(run) if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -366,7 +356,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
            _worker(tmp_path)[1]]
     _run(TINY + ["--total-steps", "4", "--eval-every", "10", "--baseline"], tmp_path / "runs", cmd=cmd)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
-    rows = [r for r in _metrics(_only_run(tmp_path / "runs")) if "train/loss" in r]
+    rows = [r for r in read_metrics(only_run(tmp_path / "runs")) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["train/grad_norm"] > 0 for r in rows)
 
 
@@ -378,17 +368,17 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until at least one training step is logged
         runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-        if runs and any("train/loss" in r for r in _metrics(runs[0])):
+        if runs and any("train/loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after step" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     step = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
-    assert step >= 1 and [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step
+    assert step >= 1 and [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step
     _run(["--resume", str(run), "--total-steps", str(step + 1)], tmp_path)
-    assert [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step + 1
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step + 1
 
 
 # ---------------------------------------------------------------- flags

@@ -24,6 +24,7 @@ from algos.spc import (Row, accept_sneaky, balance, mean_logprob, paired_reward,
 from shared import step_errors as se
 from shared.steps import check_steps
 from shared.tasks import load_task
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -391,21 +392,11 @@ def _run(args, out_dir, timeout=300):
     return out
 
 
-def _only_run(d):
-    runs = [p for p in Path(d).iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_smoke_one_self_play_round(tmp_path):
     _run(TINY + ["--iterations", "1", "--search-problems", "2"], tmp_path)
-    run = _only_run(tmp_path)
-    rows = _metrics(run)
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
     game = [r for r in rows if "spc/games" in r]
     assert len(game) == 1 and game[0]["step"] == 3 and game[0]["spc/games"] == 3
     for key in ("spc/parsed", "spc/validated_yield", "spc/generator_rows", "spc/generator/loss", "perf/step_s"):
@@ -425,9 +416,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     _run(TINY + ["--iterations", "2"], straight)
     _run(TINY + ["--iterations", "1"], split)
-    run = _only_run(split)
+    run = only_run(split)
     _run(["--resume", str(run), "--iterations", "2"], split)
-    a, b = _only_run(straight) / "checkpoint", run / "checkpoint"
+    a, b = only_run(straight) / "checkpoint", run / "checkpoint"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "trainer_state.pt", weights_only=False) for p in (a, b))
@@ -439,7 +430,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
             assert torch.equal(opt_a["state"][k]["exp_avg"], opt_b["state"][k]["exp_avg"])
             assert torch.equal(opt_a["state"][k]["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"]) and sa["rng"][0]["python"] == sb["rng"][0]["python"]
-    assert [r["step"] for r in _metrics(run) if "spc/games" in r] == [3, 4]
+    assert [r["step"] for r in read_metrics(run) if "spc/games" in r] == [3, 4]
 
 
 @pytest.mark.slow
@@ -451,18 +442,18 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until an SFT step is logged
         runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
-        if runs and any("sft/critic_loss" in r for r in _metrics(runs[0])):
+        if runs and any("sft/critic_loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after" in out, out[-2000:]
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
-    logged = [r["step"] for r in _metrics(run) if "sft/critic_loss" in r]
+    logged = [r["step"] for r in read_metrics(run) if "sft/critic_loss" in r]
     assert 1 <= state["sft_step"] < 400 and logged[-1] == state["sft_step"] and "generator" in state
     _run(["--resume", str(run), "--sft-steps", str(state["sft_step"] + 1), "--iterations", "0"], tmp_path)
-    assert [r["step"] for r in _metrics(run) if "sft/critic_loss" in r][-1] == state["sft_step"] + 1
+    assert [r["step"] for r in read_metrics(run) if "sft/critic_loss" in r][-1] == state["sft_step"] + 1
 
 
 def test_module_imports_without_side_effects():

@@ -2,7 +2,6 @@
 advantages, gradient isolation, judge prompt, online judge, eval extraction), chrF against sacreBLEU,
 and subprocess runs on `--model tiny` (smoke, resume bit-identity, SIGTERM, bad flags)."""
 
-import json
 import math
 import os
 import signal
@@ -21,6 +20,7 @@ from algos.ssr_zero import (Args, Parsed, actor_prompt, build_train_prompts, chr
 from shared.models import build_tiny_tokenizer
 from shared.sampling import Rollout
 from shared.translation_data import MONOLINGUAL, PARALLEL, parallel_split
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,16 +290,6 @@ def _run(args, out_dir, tmp_path):
     return out
 
 
-def _only_run(path):
-    runs = [p for p in path.iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_smoke_and_resume_matches_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
@@ -307,7 +297,7 @@ def test_smoke_and_resume_matches_an_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     out = _run(TINY + ["--total-steps", "3"], straight, tmp_path)
     assert "test chrF: before" in out.stdout
-    rows = _metrics(_only_run(straight))
+    rows = read_metrics(only_run(straight))
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
     for key in ("train/reward", "train/format_rate", "train/kl", "train/grad_norm", "train/completion_len",
@@ -321,9 +311,9 @@ def test_smoke_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert sum("dev/chrf" in r for r in rows) == sum("eval/chrf" in r for r in rows) == 4  # before + 3 steps
 
     _run(TINY + ["--total-steps", "1"], split, tmp_path)
-    run = _only_run(split)
+    run = only_run(split)
     _run(["--resume", str(run), "--total-steps", "3"], split, tmp_path)
-    a, b = _only_run(straight) / "checkpoint", run / "checkpoint"
+    a, b = only_run(straight) / "checkpoint", run / "checkpoint"
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "trainer_state.pt", weights_only=False) for p in (a, b))
@@ -332,7 +322,7 @@ def test_smoke_and_resume_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(sa["optimizer"]["state"][k]["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
         assert torch.equal(sa["optimizer"]["state"][k]["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
     assert torch.equal(sa["rng"][0]["torch"], sb["rng"][0]["torch"])
-    assert [r["step"] for r in _metrics(run) if "train/loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -343,17 +333,17 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until a training step is logged
         runs = [p for p in (tmp_path / "runs").glob("*") if (p / "metrics.jsonl").exists()]
-        if runs and any("train/loss" in r for r in _metrics(runs[0])):
+        if runs and any("train/loss" in r for r in read_metrics(runs[0])):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted after step" in out, out[-2000:]
-    run = _only_run(tmp_path / "runs")
+    run = only_run(tmp_path / "runs")
     step = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
-    assert step >= 1 and [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step
+    assert step >= 1 and [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step
     _run(["--resume", str(run), "--total-steps", str(step + 1)], tmp_path / "runs", tmp_path)
-    assert [r["step"] for r in _metrics(run) if "train/loss" in r][-1] == step + 1
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step + 1
 
 
 @pytest.mark.parametrize("flags, flag", [

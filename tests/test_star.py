@@ -23,6 +23,7 @@ from shared.logprobs import token_logprobs
 from shared.models import build_tiny_model, build_tiny_tokenizer, chat_prompt
 from shared.run import LM
 from shared.tasks import Problem, load_task
+from tests.helpers import only_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,10 +281,6 @@ SMALL = dict(model="tiny", n_train=6, n_test=4, n_dev=4, subset_size=3, group_si
              iterations=2, batch_size=2, temperatures=(0.7, 1.0), warmup_steps=0)
 
 
-def _rows(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _answers_by_query(monkeypatch, n_train, answer):
     """Replace `decode` with answer(query, temperature, k, hinted) -> [(text, ended)] for the training
     questions of multistep seed 0 (found by their prompt text); evaluation still runs the tiny model."""
@@ -314,7 +311,7 @@ def test_star_run_trains_on_right_and_rationalized_answers_then_restarts_from_ba
         return [("Answer: 1000", True)]
     task = _answers_by_query(monkeypatch, 6, answer)
     out = star.main(star.Args(**SMALL, mode="star", output_dir=str(tmp_path)))
-    it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    it = [r for r in read_metrics(out["run_dir"]) if "star/selected" in r]
     assert [r["step"] for r in it] == [1, 2] and all(r["star/selected"] == 4 for r in it)
     assert it[0]["train/accuracy"] == pytest.approx(2 / 6) and it[0]["star/rationalized"] == 2
     assert it[0]["star/rationalized_wrong_step"] == 0.5 and it[0]["star/kept_wrong_step"] == 0.25
@@ -337,7 +334,7 @@ def test_bstar_default_n_star_picks_the_spec_case_10_temperature(tmp_path, monke
     task = _answers_by_query(monkeypatch, 48, answer)
     args = dict(SMALL, n_train=48, group_size=4, subset_size=48, temperatures=(0.5, 1.0), iterations=1)
     out = star.main(star.Args(**args, mode="bstar", prm="none", monitor_temperature=1.0, output_dir=str(tmp_path)))
-    (r,) = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    (r,) = [r for r in read_metrics(out["run_dir"]) if "star/selected" in r]
     assert r["star/n_star"] == 6 and r["bstar/threshold_search"] == 0.0
     assert r["star/temperature"] == 1.0 and r["bstar/search_balance_score"] == pytest.approx(1 / 6)
     assert r["bstar/balance_score_t0.5"] == pytest.approx(0.1042, abs=1e-4)
@@ -355,7 +352,7 @@ def test_bstar_step_reward_searches_threshold_and_continues(tmp_path, monkeypatc
         return [(p.meta["solution"], True), (f"{first}\nAnswer: {first.split('= ')[1]}", True)] * (k // 2)
     task = _answers_by_query(monkeypatch, 6, answer)
     out = star.main(star.Args(**SMALL, mode="bstar", thresholds=(-1.0, 0.0, 0.5, 1.0), output_dir=str(tmp_path)))
-    it = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    it = [r for r in read_metrics(out["run_dir"]) if "star/selected" in r]
     assert all(r["bstar/threshold_search"] == 1.0 and r["star/threshold"] == 1.0 for r in it)
     assert all(r["star/selected"] == 6 and r["star/kept_wrong_step"] == 0.0 for r in it)
     assert it[0]["bstar/exploitation"] == 1.0 and it[1]["star/init_dist"] > 0  # iteration 2 continued from P_1
@@ -376,7 +373,7 @@ def test_bstar_with_a_prm_checkpoint(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "prm")
     _answers_by_query(monkeypatch, 6, lambda q, t, k, h: [(f"1 + {j} = {1 + j}\n\nAnswer: {j}", True) for j in range(k)])
     out = star.main(star.Args(**dict(SMALL, iterations=1), mode="bstar", prm=str(tmp_path / "prm"), output_dir=str(tmp_path / "runs")))
-    (r,) = [r for r in _rows(out["run_dir"]) if "star/selected" in r]
+    (r,) = [r for r in read_metrics(out["run_dir"]) if "star/selected" in r]
     assert r["bstar/threshold_search"] == 1.0 and r["star/selected"] > 0  # wrong answers with r_prm > τ kept (§7.10)
 
 
@@ -396,7 +393,7 @@ def test_best_iteration_and_early_stopping_follow_dev_not_test(tmp_path, monkeyp
         return {"accuracy": curve[split][len(seen[split]) - 1], "format_rate": 1.0, "completion_len": 1.0}
     monkeypatch.setattr(shared.evaluation, "evaluate", fake_evaluate)
     out = star.main(star.Args(**dict(SMALL, iterations=5), patience=2, output_dir=str(tmp_path)))
-    rows = _rows(out["run_dir"])
+    rows = read_metrics(out["run_dir"])
     assert [r["step"] for r in rows if "dev/accuracy" in r] == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2, 3]
     assert out["best"] == {"iteration": 1, "dev_accuracy": 0.75, "test_accuracy": 0.25}
     assert rows[-1]["star/best_iteration"] == 1 and rows[-1]["star/best_test_accuracy"] == 0.25
@@ -442,18 +439,12 @@ def _run(args, out_dir):
     return out
 
 
-def _only_run(d):
-    runs = [p for p in Path(d).iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
 @pytest.mark.slow
 def test_smoke_star_fine_tunes_on_its_own_right_answers(tmp_path, taught_tiny):
     _run(["--model", taught_tiny, *TINY, "--iterations", "1"], tmp_path)
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     assert run.name.startswith("star__multistep__0__")
-    rows = _rows(run)
+    rows = read_metrics(run)
     (it,) = [r for r in rows if "star/selected" in r]
     assert it["train/accuracy"] >= 3 / 6 and it["star/selected"] >= 3 and it["train/steps"] == 2  # it trained
     assert it["star/kept_wrong_step"] == 0.0 and it["star/dist_from_base"] > 0 and math.isfinite(it["train/loss"])
@@ -465,7 +456,7 @@ def test_smoke_star_fine_tunes_on_its_own_right_answers(tmp_path, taught_tiny):
 def test_smoke_bstar_searches_tau_and_trains(tmp_path, taught_tiny):
     out = _run(["--model", taught_tiny, *TINY, "--mode", "bstar", "--iterations", "2"], tmp_path)
     assert "τ searched" in out.stdout
-    rows = [r for r in _rows(_only_run(tmp_path)) if "star/selected" in r]
+    rows = [r for r in read_metrics(only_run(tmp_path)) if "star/selected" in r]
     assert rows[0]["star/selected"] > 0 and rows[1]["train/steps"] == 2 and rows[1]["star/init_dist"] > 0
 
 
@@ -487,10 +478,10 @@ def test_bstar_interrupted_and_resumed_matches_a_straight_run(tmp_path, taught_t
     with pytest.raises(KeyboardInterrupt):
         star.main(star.Args(**args, output_dir=str(tmp_path / "split")))
     monkeypatch.setattr(star, "finetune", real)
-    run = _only_run(tmp_path / "split")
+    run = only_run(tmp_path / "split")
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["iteration"] == 1
     star.main(star.Args(**args, resume=str(run)))
-    rows_a, rows_b = ([r for r in _rows(d) if "star/selected" in r] for d in (straight["run_dir"], run))
+    rows_a, rows_b = ([r for r in read_metrics(d) if "star/selected" in r] for d in (straight["run_dir"], run))
     assert [r["step"] for r in rows_b] == [1, 2] and rows_a[0]["star/selected"] > 0 and rows_a[1]["train/steps"] == 2
     for ra, rb in zip(rows_a, rows_b):
         same = [k for k in ra if k.startswith(("star/", "bstar/", "train/")) and not math.isnan(ra[k])]
