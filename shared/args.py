@@ -188,9 +188,12 @@ class LMArgs:
     """generation budget per answer (L_max); also used for the held-out evaluation"""
     temperature: float = 1.0
     """sampling temperature of training rollouts; log-probs use logits / T"""
+    token_budget: int = 0
+    """stop training once this many tokens have been generated for it, summed over processes (held-out
+    evaluation excluded); the run then ends as after its last step. 0: no budget"""
 
     RULES: ClassVar[dict[str, str]] = {
-        "level": ">= 1", "seed": ">= 0", "n_train": ">= 1", "n_test": ">= 1", "n_dev": ">= 0", "lora_r": ">= 0", "lr": ">= 0",
+        "token_budget": ">= 0", "level": ">= 1", "seed": ">= 0", "n_train": ">= 1", "n_test": ">= 1", "n_dev": ">= 0", "lora_r": ">= 0", "lr": ">= 0",
         "max_new_tokens": ">= 1", "temperature": ">= 0"}
 
     def check(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from shared.models import chat_prompt
-from shared.sampling import generate
+from shared.sampling import generate, uncounted
 
 
 @torch.no_grad()
@@ -22,7 +22,8 @@ def evaluate(model, tokenizer, task, problems, max_new_tokens: int, batch_size: 
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         prompts = [chat_prompt(tokenizer, p.prompt, task.system_prompt) for p in chunk]
-        rollout = generate(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True)
+        with uncounted():  # evaluation is not part of a method's training budget
+            rollout = generate(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, greedy=True)
         tokens += int(rollout.completion_mask.sum())
         for problem, text in zip(chunk, rollout.texts):
             verdict = task.verify(text, problem)

@@ -33,6 +33,7 @@ import torch
 
 from shared.args import check_args, require, usage_error
 from shared.models import load_model
+from shared.sampling import generated_tokens, set_generated_tokens
 
 
 # ---------------------------------------------------------------------------------------- seeding
@@ -105,6 +106,7 @@ class MetricsLogger:
                  wandb_project: str | None = None, config: Any = None):
         self.enabled = enabled
         self.tb = self.wandb = None
+        self.last_step = 0
         if not enabled:
             return
         self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives kills
@@ -122,6 +124,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items()}
+        self.last_step = step
         self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         if self.tb is not None:
             for k, v in clean.items():
@@ -248,6 +251,7 @@ class Run:
             save_args(self.dir, args, algo)
         self.logger = MetricsLogger(self.dir, acc.is_main_process, args.track, args.wandb_project, args)
         self._atomic, self._pending = 0, None
+        set_generated_tokens(0)  # the token budget counts this run's generations (restore() resumes the count)
         if threading.current_thread() is threading.main_thread():  # Ctrl-C and `kill`/preemption alike
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGTERM, self._on_signal)
@@ -291,6 +295,7 @@ class Run:
         lm.optimizer.load_state_dict(state.pop("optimizer"))
         lm.scheduler.load_state_dict(state.pop("scheduler"))
         set_rng_state(state.pop("rng")[acc.process_index])
+        set_generated_tokens(state.pop("gen_tokens", [0] * acc.num_processes)[acc.process_index])
         where = ", ".join(f"{k} {v}" for k, v in state.items() if isinstance(v, int))
         self.log(f"resumed {self.dir} after {where}")
         return state
@@ -315,7 +320,9 @@ class Run:
 
         acc = self.accelerator
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        save_checkpoint(self.dir, lm.model, lm.tokenizer, {**extras, "rng": rngs, "optimizer": lm.optimizer.state_dict(),
+        tokens = gather_object([generated_tokens()]) if acc.num_processes > 1 else [generated_tokens()]
+        save_checkpoint(self.dir, lm.model, lm.tokenizer, {**extras, "rng": rngs, "gen_tokens": tokens,
+                                                           "optimizer": lm.optimizer.state_dict(),
                                                            "scheduler": lm.scheduler.state_dict()}, acc)
 
     def evaluate(self, lm: LM, step: int, max_new_tokens: int, problems: list | None = None,
@@ -326,9 +333,23 @@ class Run:
         t = time.time()
         problems = self.task.test if problems is None else problems
         res = evaluate(lm.model, lm.tokenizer, self.task, problems, max_new_tokens, accelerator=self.accelerator)
-        self.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t}, step)
+        self.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t,
+                                                                      "perf/gen_tokens": self.tokens_spent()}, step)
         self.log(f"step {step}: {split} greedy accuracy {res['accuracy']:.3f} on {len(problems)} problems")
         return res
+
+    def tokens_spent(self) -> int:
+        """Tokens generated for training so far, summed over processes (every process must call this
+        at the same point: it is a collective when several run). Held-out evaluation is not counted."""
+        if self.accelerator.num_processes == 1:
+            return generated_tokens()
+        total = torch.tensor([generated_tokens()], dtype=torch.float64, device=self.accelerator.device)
+        return int(self.accelerator.reduce(total, reduction="sum").item())
+
+    def budget_left(self) -> bool:
+        """False once `--token-budget` tokens have been generated for training (always True without a
+        budget). A loop checks it before each step, on every process, and stops as after its last step."""
+        return not self.args.token_budget or self.tokens_spent() < self.args.token_budget
 
     @contextmanager
     def atomic(self):
@@ -359,6 +380,14 @@ class Run:
         self.save(lm, **extras)
 
     def close(self) -> None:
+        """Log this process's peak memory (max resident set size; on CUDA also the peak of allocated
+        GPU memory) at the last logged step, and close the metrics files."""
+        import resource
+
+        peak = {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+        if torch.cuda.is_available():
+            peak["perf/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(peak, self.logger.last_step)
         self.logger.close()
 
     def summary(self, lm: LM, before: dict | None, after: dict | None) -> dict:

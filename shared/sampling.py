@@ -16,6 +16,11 @@ The n samples of a prompt share its prefill: each distinct prompt but its last t
 key/value cache is repeated n times, and `model.generate` continues from that cache (processing only
 the last prompt token of each row, then sampling as usual). The sampler sees the same logits up to
 float32 rounding and draws from the torch RNG in the same order, so a seed gives the same tokens.
+
+Every token `generate` returns (up to and including EOS) is added to this process's count of
+generated tokens, except inside `uncounted()` (held-out evaluation). The count is the compute budget
+`--token-budget` holds a training run to (`shared.run.Run.budget_left`), and what
+scripts/benchmark.py plots accuracy against.
 """
 
 from __future__ import annotations
@@ -30,6 +35,37 @@ from torch import BoolTensor, LongTensor, Tensor
 from transformers import GenerationConfig
 
 from shared.logprobs import CACHE, prefill, prompt_groups
+
+
+# ---------------------------------------------------------------------------------------- the token count
+_COUNT = {"tokens": 0, "paused": 0}
+
+
+def generated_tokens() -> int:
+    """Tokens this process has generated for training since the count was last set."""
+    return _COUNT["tokens"]
+
+
+def set_generated_tokens(n: int) -> None:
+    """Start the count at n (0 for a new run, the checkpoint's count for a resumed one)."""
+    _COUNT["tokens"] = int(n)
+
+
+def count_generated(n: int) -> None:
+    """Add n tokens to the count (outside `uncounted()`): for a sampler other than `generate`, or for the
+    target tokens a supervised baseline trains on."""
+    if not _COUNT["paused"]:
+        _COUNT["tokens"] += int(n)
+
+
+@contextmanager
+def uncounted():
+    """A block whose generations do not count toward the budget (held-out evaluation)."""
+    _COUNT["paused"] += 1
+    try:
+        yield
+    finally:
+        _COUNT["paused"] -= 1
 
 
 @dataclass
@@ -174,6 +210,7 @@ def generate(
     completion_mask = (positions[None, :] <= first_eos[:, None]).float()
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
 
+    count_generated(completion_mask.sum().item())
     texts = tokenizer.batch_decode(
         [row[m.bool()] for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True
     )

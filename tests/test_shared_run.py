@@ -186,3 +186,36 @@ def test_pure_bf16_weights_round_small_updates_away(tmp_path):
     seen = []
     assert _one_step(lm, seen) > 0.99 and seen == [torch.float32]
     run.close()
+
+
+def test_token_budget_counts_training_generations_resumes_the_count_and_logs_peak_memory(tmp_path):
+    from shared.sampling import count_generated, generated_tokens, set_generated_tokens
+
+    set_generated_tokens(123)
+    run, lm = _setup(tmp_path, "fp32", token_budget=50)
+    assert generated_tokens() == 0 and run.budget_left()  # a new run starts its own count
+    count_generated(49)
+    assert run.budget_left() and run.tokens_spent() == 49
+    run.evaluate(lm, 1, max_new_tokens=4)  # evaluation generates, but does not spend the budget
+    assert run.tokens_spent() == 49
+    count_generated(1)
+    assert not run.budget_left()
+    run.save(lm, step=1)
+    run.close()
+    rows = read_metrics(run.dir)
+    assert rows[0]["perf/gen_tokens"] == 49 and rows[0]["step"] == 1
+    assert rows[-1]["step"] == 1 and 0.05 < rows[-1]["perf/peak_rss_gb"] < 64
+    set_generated_tokens(0)
+    resumed = _resumed_run(tmp_path, run.dir)
+    assert generated_tokens() == 50 and not resumed.budget_left()
+    set_generated_tokens(0)
+
+
+def _resumed_run(tmp_path, run_dir):
+    from shared.args import StepArgs
+    from shared.run import Run
+
+    run = Run("test", StepArgs(model="tiny", dtype="fp32", output_dir=str(tmp_path), n_train=8, n_test=2, n_dev=2,
+                               token_budget=50, resume=str(run_dir)))
+    run.setup_lm(reference=True)
+    return run

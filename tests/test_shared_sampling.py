@@ -7,7 +7,8 @@ import torch
 
 from shared.models import chat_prompt, load_model
 from shared.logprobs import token_logprobs
-from shared.sampling import cat_rollouts, eos_token_ids, generate, sampling_config, shared_prefill
+from shared.sampling import (cat_rollouts, count_generated, eos_token_ids, generate, generated_tokens, sampling_config,
+                             set_generated_tokens, shared_prefill, uncounted)
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +283,26 @@ def test_no_shared_prefill_for_distinct_prompts(tiny):
     model, tok = tiny
     enc = tok(prompts_for(tok), return_tensors="pt", padding=True, add_special_tokens=False)
     assert shared_prefill(model, enc.input_ids, enc.attention_mask) == {}
+
+
+def test_generate_counts_exactly_the_unmasked_tokens_and_evaluation_counts_none(tiny):
+    from shared.evaluation import evaluate
+    from shared.tasks import load_task
+
+    model, tok = tiny
+    set_generated_tokens(5)
+    torch.manual_seed(0)
+    r = generate(model, tok, prompts_for(tok), n=3, max_new_tokens=9)
+    used = int(r.completion_mask.sum())
+    assert used > 0
+    assert generated_tokens() == 5 + used
+    with uncounted():
+        with uncounted():  # nested blocks
+            generate(model, tok, prompts_for(tok), n=2, max_new_tokens=9)
+        count_generated(100)
+    task = load_task("arith", n_train=1, n_test=4)
+    evaluate(model, tok, task, task.test, max_new_tokens=6)
+    assert generated_tokens() == 5 + used  # nothing inside uncounted(), and evaluation is uncounted
+    count_generated(7)
+    assert generated_tokens() == 12 + used
+    set_generated_tokens(0)
