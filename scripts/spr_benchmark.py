@@ -37,6 +37,7 @@ import tyro
 
 from algos.spr import Args, PrioritizedReplay, SPRNetwork, augment, compute_losses, update
 from shared.atari import RANDOM_SCORES, game_name, human_normalized_score, make_env
+from shared.stats import paired, t_interval, t_quantile  # noqa: F401  (t_quantile: the tests use it)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "spr"
@@ -61,9 +62,7 @@ PAPER_100K = {
     "der_aug": {},
 }
 PAPER_NAME = {"spr": "SPR", "der": "DER (original)", "der_aug": "none"}
-# two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (larger df: Cornish-Fisher expansion)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
 
 
 def device_name(device: torch.device) -> str:
@@ -170,30 +169,6 @@ def timing(env_id: str = "BoxingNoFrameskip-v4", updates: int = 20, warmup: int 
     if out:
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(out).write_text(text)
-
-
-def t_quantile(df: int) -> float:
-    """t_{0.975, df} for a two-sided 95 % interval."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def t_interval(values) -> tuple[float, float]:
-    """Mean and half-width of the t-based 95 % interval of the mean (nan half-width for one value)."""
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return float(v.mean()) if len(v) else float("nan"), float("nan")
-    return float(v.mean()), t_quantile(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
-
-
-def paired(a: dict, b: dict) -> dict:
-    """Per-seed differences a[seed] - b[seed] over the seeds both have, their mean and 95 % interval."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    mean, hw = t_interval(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": mean, "ci": hw}
 
 
 def read_metrics(run: pathlib.Path) -> list[dict]:
