@@ -293,8 +293,13 @@ def spr_probe(run: pathlib.Path, batches: int = 8, batch_size: int = 64, seed: i
             "loss_ratio": float((1 - cos_true) / (1 - cos_shuffled))}
 
 
-def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list[str], steps: int) -> dict:
-    """Per (game, method, seed): final eval, HNS, SPR/TD loss at the first and last log window, wall time."""
+def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list[str], steps: int,
+            previous: str = "") -> dict:
+    """Per (game, method, seed): final eval, HNS, SPR/TD loss at the first and last log window, wall time.
+    A run missing under `out` is taken from `previous` (an earlier table's JSON) when that holds it."""
+    earlier = json.loads(pathlib.Path(previous).read_text())["runs"] if previous else {}
+    if earlier and json.loads(pathlib.Path(previous).read_text())["steps"] != steps:
+        raise SystemExit(f"{previous} reports runs of another length than --steps {steps}")
     walls = {}
     if (out / "runs.jsonl").exists():
         for x in map(json.loads, (out / "runs.jsonl").read_text().splitlines()):
@@ -309,6 +314,8 @@ def collect(out: pathlib.Path, games: list[str], seeds: list[int], methods: list
                 lines = read_metrics(run_dir) if run_dir else []
                 ev = final_eval(lines, steps)
                 if ev is None:
+                    if f"{game}|{algo}|{seed}" in earlier:
+                        res[(game, algo, seed)] = {**earlier[f"{game}|{algo}|{seed}"], "from": previous}
                     continue
                 train = [x for x in lines if "train/td_loss" in x]
                 res[(game, algo, seed)] = {
@@ -328,7 +335,7 @@ def fmt(mean: float, hw: float, digits: int = 1) -> str:
 
 def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: list[str] = list(METHODS),
           steps: int = 5000, out_dir: str = "runs/spr_bench", tag: str = "", hardware: str = "",
-          command: str = "", docs: str = str(DOCS)) -> dict:
+          command: str = "", docs: str = str(DOCS), previous: str = "") -> dict:
     """Mean final evaluation over seeds with 95 % intervals, paired differences, SPR loss trend -> docs.
 
     Args:
@@ -341,9 +348,11 @@ def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: 
         hardware: what the runs ran on (default: this machine's CPU).
         command: the `run` command line, quoted in the report.
         docs: directory for benchmark{tag}.md / .json / .png.
+        previous: an earlier table's JSON (e.g. docs/spr/benchmark_cpu_5k.json) to take the runs from whose
+            directories are gone (their records, probe included, are copied as they were reported).
     """
     games = [game_name(g) if "-v" in g else g for g in games]
-    res = collect(pathlib.Path(out_dir), games, seeds, methods, steps)
+    res = collect(pathlib.Path(out_dir), games, seeds, methods, steps, previous)
     summary = {"steps": steps, "seeds": seeds, "runs": {"|".join(map(str, k)): v for k, v in res.items()},
                "methods": {}, "paired": {}, "spr_loss": {}}
     lines = [f"# SPR vs DER + augmentation vs DER on {', '.join(games)}: {steps} agent steps, seeds "
@@ -412,6 +421,10 @@ def table(games: list[str] = ["Boxing"], seeds: list[int] = [1, 2, 3], methods: 
     missing = [f"{g} {m} seed {s}" for g in games for m in methods for s in seeds if (g, m, s) not in res]
     walls = [r["wall_s"] for r in res.values() if not math.isnan(r["wall_s"])]
     lines += ["", f"Missing runs: {', '.join(missing) if missing else 'none'}."]
+    reused = [f"{g} {a} seed {sd}" for (g, a, sd), r in res.items() if "from" in r]
+    if reused:
+        lines.append(f"Taken from `{previous}` (the same command's earlier runs, whose directories are gone): "
+                     f"{', '.join(reused)}.")
     if walls:
         per_method = {m: sum(r["wall_s"] for k, r in res.items() if k[1] == m and not math.isnan(r["wall_s"]))
                       for m in methods}
