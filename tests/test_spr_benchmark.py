@@ -77,3 +77,23 @@ def test_table_with_one_seed_says_so(tmp_path):
     md = (tmp_path / "docs" / "benchmark_1.md").read_text()
     assert "n = 1 (one seed per method): no interval" in md
     assert "| Boxing | spr − der | 1 | +4.0 | 4.0 | — |" in md  # one difference: no interval, not "separated"
+
+
+def test_runs_whose_directories_are_gone_come_from_the_previous_table(tmp_path):
+    out = tmp_path / "runs"
+    for algo, per in RETURNS.items():
+        write_run(out, algo, 1, per[1])
+    first = bench.table(games=["Boxing"], seeds=[1], steps=2000, out_dir=str(out), tag="_1", hardware="test",
+                        docs=str(tmp_path / "docs"))
+    out2 = tmp_path / "runs2"  # seed 1's directories are gone; seed 2 ran later
+    for algo, per in RETURNS.items():
+        write_run(out2, algo, 2, per[2])
+    s = bench.table(games=["Boxing"], seeds=[1, 2], steps=2000, out_dir=str(out2), tag="_12", hardware="test",
+                    docs=str(tmp_path / "docs"), previous=str(tmp_path / "docs" / "benchmark_1.json"))
+    assert s["methods"]["Boxing|spr"]["per_seed"] == {1: 1.0, 2: 2.0} and s["paired"]["Boxing|spr-der"]["diffs"] == [4.0, 3.0]
+    assert first["runs"]["Boxing|spr|1"]["return"] == 1.0
+    md = (tmp_path / "docs" / "benchmark_12.md").read_text()
+    assert "Boxing spr seed 1, Boxing der_aug seed 1, Boxing der seed 1." in md and "Missing runs: none." in md
+    with pytest.raises(SystemExit):  # runs of another length are not mixed in
+        bench.table(games=["Boxing"], seeds=[1, 2], steps=3000, out_dir=str(out2), tag="_x", hardware="test",
+                    docs=str(tmp_path / "docs"), previous=str(tmp_path / "docs" / "benchmark_1.json"))
