@@ -155,7 +155,8 @@ def main(args: Args) -> dict:
                 step_s = time.time() - t0
                 metrics = {
                     "train/loss": accelerator.reduce(loss.detach(), reduction="sum").item(),
-                    "sft/token_accuracy": accelerator.reduce(stats["token_accuracy"], reduction="mean").item(),
+                    "sft/token_accuracy": (accelerator.reduce(stats["token_accuracy"] * loss_mask.sum(), reduction="sum")
+                                           / num_tokens).item(),
                     "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                     "sft/target_tokens": num_tokens.item(), "perf/gen_tokens": run.tokens_spent(),
                     "perf/step_s": step_s, "perf/tokens_per_s": num_tokens.item() / step_s}

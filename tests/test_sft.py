@@ -213,3 +213,60 @@ def test_resume_matches_an_uninterrupted_run_and_an_unreached_budget_changes_not
         return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/") or k == "perf/gen_tokens"}
                 for r in read_metrics(run_dir) if "train/loss" in r or "eval/accuracy" in r]
     assert numbers(only_run(straight)) == numbers(run)  # same losses, grad norms, token counts, evaluations
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, str(ROOT / "algos" / "sft.py")] + TINY + [
+        "--total-steps", "100000", "--eval-every", "100000", "--save-every", "100000", "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a training step is logged
+        runs = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
+        if runs and any("train/loss" in r for r in read_metrics(runs[0])):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted after step" in out, out[-2000:]
+    run = only_run(tmp_path)
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    train = [r for r in read_metrics(run) if "train/loss" in r]
+    assert state["step"] >= 1 and train[-1]["step"] == state["step"]  # nothing logged was lost
+    assert state["cursor"] == 4 * state["step"] and state["gen_tokens"] == [train[-1]["perf/gen_tokens"]]
+    _run(["--resume", str(run), "--total-steps", str(state["step"] + 1)], tmp_path)
+    train = [r for r in read_metrics(run) if "train/loss" in r]
+    assert train[-1]["step"] == state["step"] + 1
+    assert train[-1]["sft/target_tokens"] == _target_tokens(state["step"] + 1)[-1]  # the next batch in the order
+
+
+WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+from algos.sft import Args, main
+from shared.args import cli
+main(cli(Args))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """The batch is split across processes with a global token normaliser: the same losses, gradient norms
+    and token counts as one process on the whole batch (up to float summation order)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=str(ROOT)))
+    flags = TINY + ["--total-steps", "2", "--eval-every", "2", "--save-every", "2"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", str(worker)] + flags + ["--output-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _run(flags, tmp_path / "one")
+    two, one = ([r for r in read_metrics(only_run(tmp_path / d)) if "train/loss" in r] for d in ("two", "one"))
+    assert [r["step"] for r in two] == [1, 2]  # logged once, by the main process
+    for a, b in zip(two, one):
+        assert a["sft/target_tokens"] == b["sft/target_tokens"] and a["perf/gen_tokens"] == b["perf/gen_tokens"]
+        for key in ("train/loss", "train/grad_norm", "sft/token_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
