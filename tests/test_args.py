@@ -15,7 +15,7 @@ import pytest
 from shared.args import LMArgs, StepArgs, check_args, cli, holds, rules_of
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_SCRIPTS = ["grpo", "nft", "star"]
+LM_SCRIPTS = ["grpo", "nft", "star", "sft"]
 
 
 # ---------------------------------------------------------------- the rule language
@@ -89,6 +89,8 @@ BAD = {
     "star": [(["--batch-size", "0"], "--batch-size"), (["--iterations", "0"], "--iterations"),
              (["--min-lr-ratio", "1.5"], "--min-lr-ratio"), (["--lr", "-1"], "--lr"), (["--task", "nosuch"], "--task"),
              (["--mode", "nosuch"], "--mode"), (["--temperatures", "0.5", "0"], "--temperatures")],
+    "sft": [(["--batch-size", "0"], "--batch-size"), (["--lr", "0"], "--lr"), (["--token-budget", "-1"], "--token-budget"),
+            (["--task", "math500"], "--task"), (["--max-grad-norm", "0"], "--max-grad-norm")],
 }
 
 
