@@ -490,10 +490,13 @@ def test_a_bad_flag_stops_the_script_before_any_model_or_run_directory(tmp_path)
 
 
 # ---------------------------------------------------------------- the token budget (--token-budget)
+REAL_SEARCH = mcts.search_question  # the unwrapped original (each run wraps it afresh)
+
+
 def _budget_run(tmp_path, monkeypatch, name, iterations=2, **kw):
     """An in-process run of `iterations` rounds × 2 questions: (metrics, the count after each searched tree)."""
     from shared.sampling import generated_tokens
-    after, real = [], mcts.search_question
+    after, real = [], REAL_SEARCH
 
     def counted(*a, **k):
         out = real(*a, **k)

@@ -518,11 +518,13 @@ def test_help_documents_every_flag():
 SMALL = dict(model="tiny", n_train=12, n_test=4, batch_size=4, rl_batch_size=2, group_size=2, rl_steps=3, max_new_tokens=6,
              improve_iterations=2, score_truncated=True, rl_lr=1e-3, lr=1e-3)
 
+REAL_UPDATE_DONE = pit.Pipeline.update_done  # the unwrapped original (each run wraps it afresh)
+
 
 def _budget_run(tmp_path, monkeypatch, name, **kw):
     """An in-process run of every stage: (metrics, [(stage, count) after each update of every stage])."""
     from shared.sampling import generated_tokens
-    after, real = [], pit.Pipeline.update_done
+    after, real = [], REAL_UPDATE_DONE
 
     def counted(self, *a, **k):
         real(self, *a, **k)

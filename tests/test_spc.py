@@ -475,11 +475,13 @@ def test_processbench_rows_become_solutions_cut_after_the_first_error(monkeypatc
 SMALL = dict(model="tiny", n_train=16, n_test=2, sft_steps=1, epochs=1, sft_batch_size=4, sft_examples=16, games=3, validation_rollouts=2,
              max_new_tokens=8, solver_max_new_tokens=6, batch_size=4, micro_batch_size=4, balance=False, iterations=2)
 
+REAL_PLAY_ROUND = spc.play_round  # the unwrapped original (each run wraps it afresh)
+
 
 def _budget_run(tmp_path, monkeypatch, name, **kw):
     """An in-process run of 1 SFT step and 2 rounds: (metrics, the count after each round's game)."""
     from shared.sampling import generated_tokens
-    after, real = [], spc.play_round
+    after, real = [], REAL_PLAY_ROUND
 
     def counted(*a, **k):
         out = real(*a, **k)
