@@ -384,7 +384,8 @@ def main(args: Args) -> dict:
     last_eval = before
     bar = tqdm(total=args.iterations + 1, initial=t, desc="cream", disable=not acc.is_main_process)
     try:
-        while t <= args.iterations and run.budget_left():  # stage 0: SFT M_0 → M_1; stage t ≥ 1: CREAM iteration t, M_t → M_{t+1}
+        # stage 0: SFT M_0 → M_1; stage t ≥ 1: CREAM iteration t, M_t → M_{t+1}; none once --token-budget is spent
+        while t <= args.iterations and run.budget_left():
             t0 = time.time()
             torch.manual_seed(args.seed * 1_000_003 + 1000 * t + rank)  # each stage samples the same on resume
             if t == 0:  # ---- seed SFT on D_S: reference solutions, loss on response tokens only (§3.1, §7)
