@@ -39,6 +39,9 @@ Choices and simplifications (README's CREAM section gives the reasons):
   averages the parsed scores (Yuan et al. use 3); SRLM's EFT judge-training data is not used.
 Runs on one process or several (`torchrun`, `accelerate launch`): prompts, answers, rewards and the
 pairs of each batch are split across processes, and every process ends with the same weights.
+`--token-budget` counts the sampled answers and the SRLM judge's verdicts (the seed SFT generates nothing). Once
+it is spent, no more are sampled: the iteration pairs up the prompts whose answers (and verdicts) are complete,
+trains M_{t+1} on them, evaluates and saves it, and the run ends.
 """
 
 import sys
@@ -64,7 +67,7 @@ from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
 from shared.rollouts import rollout_logprobs
 from shared.run import Run
-from shared.sampling import encode_prompts, generate
+from shared.sampling import cat_rollouts, encode_prompts, generate
 
 
 @dataclass
@@ -381,7 +384,8 @@ def main(args: Args) -> dict:
     last_eval = before
     bar = tqdm(total=args.iterations + 1, initial=t, desc="cream", disable=not acc.is_main_process)
     try:
-        while t <= args.iterations:  # stage 0: SFT M_0 → M_1; stage t ≥ 1: CREAM iteration t, M_t → M_{t+1}
+        # stage 0: SFT M_0 → M_1; stage t ≥ 1: CREAM iteration t, M_t → M_{t+1}; none once --token-budget is spent
+        while t <= args.iterations and run.budget_left():
             t0 = time.time()
             torch.manual_seed(args.seed * 1_000_003 + 1000 * t + rank)  # each stage samples the same on resume
             if t == 0:  # ---- seed SFT on D_S: reference solutions, loss on response tokens only (§3.1, §7)
@@ -472,9 +476,10 @@ def build_pairs(args: Args, lm, run, t: int, frozen) -> tuple[list[dict], dict]:
     ids = list(range(start, start + args.prompts_per_iteration))[rank::world]  # problem indices = prompt keys
     problems = [task.train[i] for i in ids]
     N = args.group_size
-    ro = generate(lm.model, tokenizer, [chat_prompt(tokenizer, p.prompt, task.system_prompt) for p in problems],
-                  n=N, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  batch_size=args.gen_batch_size)
+    ro = generate_in_budget(run, lm.model, tokenizer, [chat_prompt(tokenizer, p.prompt, task.system_prompt) for p in problems],
+                            N, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            batch_size=args.gen_batch_size)
+    ids, problems = ids[:len(ro) // N], problems[:len(ro) // N]  # a spent --token-budget: the prompts it finished
     t_reward = time.time()
     rows, mask = torch.arange(len(ro), device=acc.device), ro.completion_mask.to(acc.device)
     logp = {t: rollout_logprobs(lm.policy, ro, rows, 1.0, args.micro_batch_size)}
@@ -485,7 +490,7 @@ def build_pairs(args: Args, lm, run, t: int, frozen) -> tuple[list[dict], dict]:
             del m
     r_cur = self_reward(logp[t], logp[t - 1], mask).tolist()
     r_prev = self_reward(logp[t - 1], logp.get(t - 2), mask).tolist()
-    scores = judge_scores(args, lm, task, problems, ro.texts) if args.judge else None
+    scores = judge_scores(args, lm, run, problems, ro.texts) if args.judge else None
     t_reward = time.time() - t_reward
     entries = []  # one per prompt: its rewards and answers (gathered from every process)
     for j, (pid, prob) in enumerate(zip(ids, problems)):
@@ -524,20 +529,41 @@ def build_pairs(args: Args, lm, run, t: int, frozen) -> tuple[list[dict], dict]:
     return pairs, metrics
 
 
-def judge_scores(args: Args, lm, task, problems, texts: list[str]) -> list[float | None]:
+def judge_scores(args: Args, lm, run, problems, texts: list[str]) -> list[float | None]:
     """SRLM (Yuan et al. §2.3): the model judges each answer `judge_samples` times with the additive
-    5-point prompt; an answer's score is the mean of its parsed verdicts, None when none parses."""
+    5-point prompt; an answer's score is the mean of its parsed verdicts, None when none parses (or when a
+    spent --token-budget left it without verdicts)."""
     N, tok = args.group_size, lm.tokenizer
     prompts = [chat_prompt(tok, JUDGE_PROMPT.format(question=problems[i // N].prompt, response=text))
                for i, text in enumerate(texts)]
-    verdicts = generate(lm.model, tok, prompts, n=args.judge_samples, max_new_tokens=args.judge_max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size).texts
+    ro = generate_in_budget(run, lm.model, tok, prompts, args.judge_samples, max_new_tokens=args.judge_max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size)
+    verdicts = ro.texts if ro is not None else []
     out = []
     for i in range(len(texts)):
         parsed = [s for v in verdicts[i * args.judge_samples:(i + 1) * args.judge_samples]
                   if (s := parse_judge_score(v)) is not None]
         out.append(sum(parsed) / len(parsed) if parsed else None)
     return out
+
+
+def generate_in_budget(run, model, tokenizer, prompts: list[str], n: int, batch_size: int, **kw):
+    """`generate(prompts, n, batch_size=batch_size, **kw)`. With --token-budget: the same rows in the same chunks of
+    `batch_size` (the same samples), the budget checked before each chunk; once it is spent (on every process at the
+    same chunk), the rows of the prompts finished so far, or None when there are none."""
+    if not run.args.token_budget:
+        return generate(model, tokenizer, prompts, n=n, batch_size=batch_size, **kw)
+    rows, parts = [p for p in prompts for _ in range(n)], []  # a prompt repeated n times: what generate(n=n) samples
+    most = max(gather_object([len(rows)])) if run.accelerator.num_processes > 1 else len(rows)
+    for start in range(0, most, batch_size):
+        if not run.budget_left():  # collective: every process checks as often
+            break
+        if rows[start:start + batch_size]:
+            parts.append(generate(model, tokenizer, rows[start:start + batch_size], batch_size=batch_size, **kw))
+    keep = sum(map(len, parts)) // n * n
+    if keep == 0:
+        return None
+    return cat_rollouts(parts, [range(min(len(r), keep - sum(map(len, parts[:k])))) for k, r in enumerate(parts)])
 
 
 if __name__ == "__main__":

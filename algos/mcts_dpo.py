@@ -62,7 +62,7 @@ from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
 from shared.rollouts import PromptStream
 from shared.run import Run
-from shared.sampling import encode_prompts, eos_token_ids, generate, neutral_generation_config, sampling_config
+from shared.sampling import count_generated, encode_prompts, eos_token_ids, generate, neutral_generation_config, sampling_config
 from shared.steps import check_steps, split_steps
 
 
@@ -417,7 +417,9 @@ def sample_steps(model, tokenizer, prompt: list[int], n: int, max_new_tokens: in
     ids = torch.tensor([prompt] * n)
     config = sampling_config(eos, tokenizer.pad_token_id, max_new_tokens, temperature, 1.0, greedy=False)
     rows = hf_generate(model, ids, torch.ones_like(ids), config, stop)[:, len(prompt):].tolist()
-    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+    rows, pad = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows], tokenizer.pad_token_id
+    count_generated(sum(len(r) - r.count(pad) * (pad not in eos) for r in rows))  # to the budget: no padding after a stop
+    return rows
 
 
 class Policy:
@@ -482,6 +484,7 @@ class Policy:
         out = hf_generate(self.model, ids, mask, config)
         probs = torch.stack(out.logits, 1).float().softmax(-1).cpu()  # [B, T, V]
         new = out.sequences[:, ids.shape[1]:].tolist()
+        count_generated(sum(next((i + 1 for i, t in enumerate(r) if t in self.eos), len(r)) for r in new))  # to the budget
         return [confidence([self.piece(t) for t in row], probs[b], self.correct_ids) for b, row in enumerate(new)]
 
 
@@ -657,12 +660,12 @@ def main(args: Args) -> dict:
     before = run.evaluate(lm, 0, args.max_new_tokens) if fresh else None
     last_eval = before
     try:
-        while st["iteration"] < args.iterations:
+        while st["iteration"] < args.iterations and run.budget_left():
             it, P = st["iteration"], args.prompts_per_iteration
             questions = PromptStream(len(task.train), args.seed, it * P).take(P)  # round i's questions
             t_round = time.time()
             # ---- 1. search every question with π_{i−1} (one per process at a time, gathered)
-            while st["searched"] < P:
+            while st["searched"] < P and run.budget_left():  # --token-budget spent: train on these trees, end
                 problem = task.train[questions[st["searched"] + rank]]
                 t0, policy = time.time(), Policy(lm.policy, tokenizer, task, problem, args)
                 model.eval()

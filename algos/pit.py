@@ -26,7 +26,8 @@ no gradient (`--score-truncated` scores it); R_PIT starts from the SFT model plu
 the last token; each training stage is one fresh AdamW run at a constant learning rate; the optional
 stop rule (keep y^k once R_PIT(x, y^{k+1}, y^k) ≤ 0) is not from the paper and is reported next to the
 plain chain, from the same samples. The preference data are built offline from a task (shared/
-preferences.py) or are Anthropic HH / TL;DR comparisons from the Hub. Runs on one process.
+preferences.py) or are Anthropic HH / TL;DR comparisons from the Hub. Runs on one process. `--token-budget`
+counts the RL rounds' samples (answers, M_P's references): round r of R ends once (r + 1)/R of it is spent.
 """
 
 import sys
@@ -53,7 +54,7 @@ from shared.models import chat_prompt, load_model
 from shared.preferences import Triple, builtin_triples, hub_triples, quality, reward_model_judge
 from shared.rollouts import PromptStream, rollout_logprobs
 from shared.run import Run
-from shared.sampling import encode_prompts, generate
+from shared.sampling import encode_prompts, generate, uncounted
 
 
 @dataclass
@@ -159,8 +160,7 @@ def pit_rm_loss(r_wl: torch.Tensor, r_lw: torch.Tensor, r_ww: torch.Tensor, r_ll
 
 def ordering_accuracy(r_wl, r_lw, r_ww, r_ll) -> dict[str, float]:
     """How often each of Eq. 2's five orderings holds strictly (r^{w,l} > r^{w,w}, ...)."""
-    pairs = {"wl>ww": (r_wl, r_ww), "wl>ll": (r_wl, r_ll), "wl>lw": (r_wl, r_lw), "ww>lw": (r_ww, r_lw),
-             "ll>lw": (r_ll, r_lw)}
+    pairs = {"wl>ww": (r_wl, r_ww), "wl>ll": (r_wl, r_ll), "wl>lw": (r_wl, r_lw), "ww>lw": (r_ww, r_lw), "ll>lw": (r_ll, r_lw)}
     return {k: (a > b).float().mean().item() for k, (a, b) in pairs.items()}
 
 
@@ -209,8 +209,7 @@ def improvement_message(template: str, x: str, y_ref: str) -> str:
 
 def rm_quadruple(t: Triple) -> list[tuple[str, str, str]]:
     """The four R_PIT inputs (x, y_a, y_b) of a triple in RM_PAIRS order: (w,l), (l,w), (w,w), (l,l)."""
-    y = {"w": t.y_w, "l": t.y_l}
-    return [(t.x, y[a], y[b]) for a, b in RM_PAIRS]
+    return [(t.x, getattr(t, f"y_{a}"), getattr(t, f"y_{b}")) for a, b in RM_PAIRS]
 
 
 def references(source: str, triples: list[Triple], positions: list[int], sample_policy, winners: bool) -> list[str]:
@@ -245,9 +244,8 @@ class GapRewardModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids).last_hidden_state
-        return self.head(hidden[:, -1].float()).squeeze(-1)  # left padding: column −1 is every row's last token
+        out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.head(out.last_hidden_state[:, -1].float()).squeeze(-1)  # left-padded: column −1 is each row's last token
 
 
 def trainable(module) -> dict[str, torch.Tensor]:
@@ -498,10 +496,11 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
     for group in optimizer.param_groups:
         group["lr"] = args.rl_lr
 
-    def sample_policy(xs: list[str]) -> list[str]:  # M_P's answers: the references of a `policy` round
-        return p.answers(p.policy_model(), xs, 1, args.ref_temperature).texts
-
+    sample_policy = lambda xs: p.answers(p.policy_model(), xs, 1, args.ref_temperature).texts  # noqa: E731  M_P's references
+    rnd = int(p.stage[2:].split(":")[0])  # only RL generates for training (SFT and RM run in full, inference is uncounted)
     for k in tqdm(range(p.pos["update"], args.rl_steps), desc=p.stage, leave=False):
+        if args.token_budget and p.run.tokens_spent() >= args.token_budget * (rnd + 1) / len(args.curriculum):
+            break  # this round's share of --token-budget is spent
         t0 = time.time()
         torch.manual_seed(seed_of(args.seed, p.stage, k))
         stream = PromptStream(len(p.train), seed_of(args.seed, p.stage, -1) % 2**31, cursor=k * B)
@@ -530,12 +529,11 @@ def rl_round(p: Pipeline, rm: GapRewardModel, anchor) -> None:
             grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
             metrics = {"train/reward": (reward * valid).sum().item() / max(n_valid, 1), "pit/gap": gap.mean().item(),
                        "pit/copy_gap": copy_gap.mean().item(), "train/kl": kl.mean().item(), "train/loss": loss_sum,
-                       "train/grad_norm": grad_norm, "pit/round": int(p.stage[2:].split(":")[0]),
+                       "train/grad_norm": grad_norm, "pit/round": rnd, "perf/gen_s": t_gen,
                        "train/truncated_frac": ro.truncated.float().mean().item(),
                        "train/completion_len": ro.completion_mask.sum(1).float().mean().item(),
-                       "pit/ref_len": sum(len(tok(r).input_ids) for r in refs) / B, "perf/gen_s": t_gen,
-                       "perf/update_s": time.time() - t1, "perf/step_s": time.time() - t0,
-                       "perf/tokens_per_s": ro.completion_mask.sum().item() / (time.time() - t0)}
+                       "pit/ref_len": sum(len(tok(r).input_ids) for r in refs) / B, "perf/update_s": time.time() - t1,
+                       "perf/step_s": time.time() - t0, "perf/tokens_per_s": ro.completion_mask.sum().item() / (time.time() - t0)}
             if p.task is not None:  # the verifier's view of the same answers: did they beat their reference?
                 q = [quality(p.task, t.problem, y, tr) for (t, _), y, tr in zip(pairs, ro.texts, ro.truncated.tolist())]
                 win, lose = win_lose(q, [quality(p.task, t.problem, r) for t, r in pairs])
@@ -559,7 +557,8 @@ def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
         return fn
 
     xs = [t.x for t in p.heldout]
-    chain = improve_chain(xs, answers(mp), answers(p.lm.model), args.improve_template, K)
+    with uncounted():  # held-out evaluation: not part of the --token-budget
+        chain = improve_chain(xs, answers(mp), answers(p.lm.model), args.improve_template, K)
     texts = [[y for y, _ in c] for c in chain]
     gap0 = [p.score(rm, list(zip(xs, texts[k], texts[0]))).cpu() for k in range(K + 1)]  # R_PIT(x, y^k, y^0); k = 0: a copy
     step_gaps = [(gap0[1] if k == 0 else p.score(rm, list(zip(xs, texts[k + 1], texts[k])))).tolist()
@@ -569,7 +568,7 @@ def infer(p: Pipeline, rm: GapRewardModel, mp) -> dict:
     judge0 = judge(xs, texts[0]) if judge is not None else None
     grade = lambda i, j: quality(p.task, p.heldout[i].problem, *chain[j][i])  # noqa: E731  (built-in data)
     q0 = [grade(i, 0) for i in range(len(xs))] if p.task is not None else None
-    out = {"infer/stopped_frac": sum(s < K for s in stops) / len(xs)}
+    out = {"infer/stopped_frac": sum(s < K for s in stops) / len(xs), "perf/gen_tokens": p.run.tokens_spent()}
     for k in range(K + 1):
         out |= {f"infer/rm_gap_k{k}": gap0[k].mean().item(),
                 f"infer/len_k{k}": sum(len(tok(y).input_ids) for y in texts[k]) / len(xs),

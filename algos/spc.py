@@ -57,7 +57,7 @@ from shared.args import LMArgs, cli, require, usage_error
 from shared.logprobs import token_logprobs
 from shared.rollouts import PromptStream
 from shared.run import Run
-from shared.sampling import generate
+from shared.sampling import generate, uncounted
 from shared.step_errors import (ERROR_TYPES, Solution, benchmark_metrics, known_numbers, own_solutions, plant_any,
                                 planted_solutions, problem_text, processbench_solutions)
 from shared.steps import check_steps
@@ -430,7 +430,8 @@ def solver_success(solver, tokenizer, task, items: list[tuple], args: Args) -> l
 def evaluate_critic(model, tokenizer, solutions: list[Solution], args: Args) -> dict[str, float]:
     """Greedy critiques of every step up to each solution's first error (temperature 0, as the eval script)."""
     items = [(s.problem, s.steps[:j], s.steps[j]) for s in solutions for j in range(len(s.steps))]
-    _, verdicts = judge(model, tokenizer, items, args, temperature=0.0)
+    with uncounted():  # evaluation: not part of the --token-budget
+        _, verdicts = judge(model, tokenizer, items, args, temperature=0.0)
     it = iter(verdicts)  # back into one list per solution
     return benchmark_metrics(solutions, [[next(it) for _ in s.steps] for s in solutions])
 
@@ -551,8 +552,9 @@ def main(args: Args) -> dict:
 
     # ---- the step-error benchmark: planted first errors + the base model's own wrong solutions (greedy,
     # so a resumed run rebuilds the same one)
-    texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in task.test], args,
-             temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts]
+    with uncounted():
+        texts = [up_to_answer(t) for t in sample(solver, tok, [solver_prompt(tok, task, p, args) for p in task.test], args,
+                 temperature=0.0, max_new_tokens=args.solver_max_new_tokens * 2).texts]
     own, unlocated = own_solutions(task.test, texts, lambda t, p: task.verify(t, p).correct)
     bench = planted_solutions(task.test, args.seed) + own
     (run.dir / "benchmark.json").write_text(json.dumps({"unlocated_own_errors": unlocated,
@@ -566,7 +568,8 @@ def main(args: Args) -> dict:
         critic.lm.model.eval()
         res = evaluate_critic(critic.lm.model, tok, bench, args)
         extra = {f"processbench/{k}": v for k, v in evaluate_critic(critic.lm.model, tok, pb, args).items()} if pb else {}
-        run.logger.log({f"eval/{k}": v for k, v in res.items()} | extra | {"perf/eval_s": time.time() - t}, stage)
+        run.logger.log({f"eval/{k}": v for k, v in res.items()} | extra | {"perf/eval_s": time.time() - t,
+                                                                           "perf/gen_tokens": run.tokens_spent()}, stage)
         log(f"{name}: benchmark step accuracy {res['accuracy']:.3f} (correct {res['acc_correct_step']:.3f}, error "
             f"{res['acc_error_step']:.3f}), F1 {res['f1']:.3f}, valid {res['valid_rate']:.3f}")
         return res
@@ -603,7 +606,7 @@ def main(args: Args) -> dict:
             role.ref.load_state_dict(refs[role.name], strict=False)
 
         # ---- rounds 1..R of the game
-        while rounds < args.iterations:
+        while rounds < args.iterations and run.budget_left():  # --token-budget spent: end as after the last round
             t0, r = time.time(), rounds + 1
             rng = random.Random(f"spc/round/{args.seed}/{r}")
             problems = [task.train[i] for i in stream.take(args.games)]
@@ -629,9 +632,10 @@ def main(args: Args) -> dict:
             run.save(critic.lm, **extras())
         if args.search_problems:
             probs = task.test[:args.search_problems]
-            plain = step_search(solver, None, tok, task, probs, args)
-            pruned = step_search(solver, critic.lm.model, tok, task, probs, args)
-            run.logger.log({"search/accuracy_solver": plain, "search/accuracy_critic": pruned}, stage())
+            with uncounted():
+                plain, pruned = [step_search(solver, c, tok, task, probs, args) for c in (None, critic.lm.model)]
+            run.logger.log({"search/accuracy_solver": plain, "search/accuracy_critic": pruned,
+                            "perf/gen_tokens": run.tokens_spent()}, stage())
             log(f"step search on {len(probs)} test problems: solver alone {plain:.3f}, with critic pruning {pruned:.3f}")
         if not (run.dir / "checkpoint").exists():  # nothing to train (--sft-steps 0 --iterations 0)
             run.save(critic.lm, **extras())

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import algos.cream as cream
 from algos.cream import (attach_consistency, consistency_rate, cream_loss, kendall_tau, lr_factor, ordinal_ranks,
                          pair_logps, pair_up, parse_judge_score, precompute_reference, preference_pair, self_reward,
                          stage_batches)
@@ -485,3 +486,54 @@ def test_help_documents_every_flag():
         assert flag in entries, f"{flag} missing from --help"
         words = [w for w in entries[flag].split("(default:")[0].split() if not (w.startswith(("-", "{")) or w.isupper())]
         assert len(" ".join(words)) > 8, f"{flag} has no description: {entries[flag]}"
+
+
+# ---------------------------------------------------------------- the token budget (--token-budget)
+SMALL = dict(model="tiny", n_train=40, n_seed=8, prompts_per_iteration=8, sft_epochs=1, n_test=2, max_new_tokens=12,
+             score_truncated=True, batch_size=4, micro_batch_size=2, gen_batch_size=10, iterations=2)
+
+REAL_GENERATE = cream.generate  # the unwrapped original (each run wraps it afresh)
+
+
+def _budget_run(tmp_path, monkeypatch, name, **kw):
+    """An in-process run (SFT, then 2 iterations of 8 prompts × 5 answers, 10 rows per `generate` call when a budget
+    is set): (metrics, the count after each training `generate` call)."""
+    from shared.sampling import generated_tokens
+    after, real = [], REAL_GENERATE
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        after.append(generated_tokens())
+        return out
+    monkeypatch.setattr(cream, "generate", counted)
+    cream.main(cream.Args(**{**SMALL, **kw}, output_dir=str(tmp_path / name)))
+    return read_metrics(only_run(tmp_path / name)), after
+
+
+def _trained(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows if "train/loss" in r]
+
+
+def test_token_budget_stops_sampling_mid_iteration_and_evaluation_is_not_counted(tmp_path, monkeypatch):
+    rows, whole = _budget_run(tmp_path, monkeypatch, "free")
+    big_rows, after = _budget_run(tmp_path, monkeypatch, "big", token_budget=10**9)  # never reached: the same run
+    assert _trained(big_rows) == _trained(rows) and len(_trained(rows)) == 3  # chunked sampling draws the same answers
+    assert len(whole) == 2 and len(after) == 8 and [after[3], after[7]] == whole  # 4 chunks of 2 prompts per iteration
+    evals = [r for r in big_rows if "eval/accuracy" in r]  # M_0, M_1 (the seed SFT generates nothing), M_2, M_3
+    assert [(r["step"], r["perf/gen_tokens"]) for r in evals] == [(0, 0), (1, 0), (2, after[3]), (3, after[7])]
+    b_rows, b_after = _budget_run(tmp_path, monkeypatch, "budget", token_budget=after[1] + 1)  # spent by the 3rd chunk
+    assert b_after == after[:3]
+    it = [r for r in b_rows if "cream/prompts" in r]
+    assert [(r["step"], r["cream/prompts"]) for r in it] == [(2, 6)]  # iteration 1 on its 6 sampled prompts, no iteration 2
+    last = [r for r in b_rows if "eval/accuracy" in r][-1]
+    assert last["step"] == 2 and last["perf/gen_tokens"] == after[2]  # ≥ the budget, over by at most one chunk
+    assert torch.load(only_run(tmp_path / "budget") / "checkpoint" / "trainer_state.pt", weights_only=False)["stage"] == 2
+
+
+def test_token_budget_counts_the_srlm_judge_and_stops_it(tmp_path, monkeypatch):
+    _, answers = _budget_run(tmp_path, monkeypatch, "answers", iterations=1, token_budget=10**9)
+    rows, after = _budget_run(tmp_path, monkeypatch, "judge", iterations=1, judge=True, judge_samples=1,
+                              judge_max_new_tokens=6, token_budget=answers[3] + 1)  # the judge's 1st chunk spends it
+    assert after[:4] == answers[:4] and len(after) == 5 and after[4] > answers[3]  # verdicts count
+    it = next(r for r in rows if "cream/prompts" in r)
+    assert it["cream/prompts"] == 8 and it["train/scored_frac"] <= 10 / 40  # only 10 of the 40 answers were judged

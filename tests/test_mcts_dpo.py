@@ -487,3 +487,59 @@ def test_a_bad_flag_stops_the_script_before_any_model_or_run_directory(tmp_path)
                           "--output-dir", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "error: --alpha-cap 1.5: must be in [0, 1]", out.stderr
     assert not any(tmp_path.iterdir()) and "model:" not in out.stdout
+
+
+# ---------------------------------------------------------------- the token budget (--token-budget)
+REAL_SEARCH = mcts.search_question  # the unwrapped original (each run wraps it afresh)
+
+
+def _budget_run(tmp_path, monkeypatch, name, iterations=2, **kw):
+    """An in-process run of `iterations` rounds × 2 questions: (metrics, the count after each searched tree)."""
+    from shared.sampling import generated_tokens
+    after, real = [], REAL_SEARCH
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        after.append(generated_tokens())
+        return out
+    monkeypatch.setattr(mcts, "search_question", counted)
+    out = mcts.main(mcts.Args(**SMALL, iterations=iterations, filter=False, conservative=False, lr=1e-3,
+                              output_dir=str(tmp_path / name), **kw))
+    return read_metrics(Path(out["run_dir"])), after
+
+
+def _train(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and not k.endswith("_s") and k != "time"}
+            for r in rows if "train/loss" in r]
+
+
+def test_token_budget_stops_after_the_tree_that_spends_it_and_evaluation_is_not_counted(tmp_path, monkeypatch):
+    rows, after = _budget_run(tmp_path, monkeypatch, "free")
+    assert len(after) == 4 and 0 < after[0] < after[1] < after[2] < after[3]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["perf/gen_tokens"] for r in evals] == [0, after[1], after[3]]  # evaluations spend nothing
+    budget = after[1] + 1  # spent by round 2's first tree: round 2 trains on it alone, then the run ends (not round 3)
+    b_rows, b_after = _budget_run(tmp_path, monkeypatch, "budget", iterations=3, token_budget=budget)
+    assert b_after == after[:3] and [r["step"] for r in b_rows if "train/loss" in r] == [1, 2]
+    last = [r for r in b_rows if "eval/accuracy" in r][-1]
+    assert last["step"] == 2 and budget <= last["perf/gen_tokens"] == after[2]  # overshoot: the rest of one tree
+    assert (next((tmp_path / "budget").iterdir()) / "checkpoint" / "trainer_state.pt").exists()
+    big_rows, _ = _budget_run(tmp_path, monkeypatch, "big", token_budget=10**9)  # never reached: the same run
+    assert _train(big_rows) == _train(rows) and len(_train(rows)) == 2
+
+
+def test_steps_and_self_evaluations_count_their_tokens_to_the_budget(monkeypatch):
+    from shared.sampling import generated_tokens, set_generated_tokens
+    tok = build_tiny_tokenizer()
+    model, eos = build_tiny_model(0, tok), tok.eos_token_id
+    prompt = tok("Q: 1 + 2?", add_special_tokens=False).input_ids
+    set_generated_tokens(0)
+    torch.manual_seed(0)
+    rows = mcts.sample_steps(model, tok, prompt, 3, 5, 1.0, [eos], mcts.StepEnd(lambda t: tok.decode([t]), [eos], len(prompt)))
+    assert generated_tokens() == sum(len(r) - r.count(tok.pad_token_id) for r in rows) > 0  # padding after a stop: not counted
+    from shared.tasks import load_task
+    task = load_task("multistep", n_train=2, n_test=1)
+    policy = mcts.Policy(model, tok, task, task.train[0], Args())
+    set_generated_tokens(0)
+    policy.judge(["x = 1", "y = 2"])
+    assert 2 <= generated_tokens() <= 8  # 4 greedy tokens at most per judgement, up to the first EOS

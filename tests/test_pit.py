@@ -512,3 +512,48 @@ def test_help_documents_every_flag():
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         assert flag in entries, f"{flag} missing from --help"
+
+
+# ---------------------------------------------------------------- the token budget (--token-budget)
+SMALL = dict(model="tiny", n_train=12, n_test=4, batch_size=4, rl_batch_size=2, group_size=2, rl_steps=3, max_new_tokens=6,
+             improve_iterations=2, score_truncated=True, rl_lr=1e-3, lr=1e-3)
+
+REAL_UPDATE_DONE = pit.Pipeline.update_done  # the unwrapped original (each run wraps it afresh)
+
+
+def _budget_run(tmp_path, monkeypatch, name, **kw):
+    """An in-process run of every stage: (metrics, [(stage, count) after each update of every stage])."""
+    from shared.sampling import generated_tokens
+    after, real = [], REAL_UPDATE_DONE
+
+    def counted(self, *a, **k):
+        real(self, *a, **k)
+        after.append((self.stage, generated_tokens()))
+    monkeypatch.setattr(pit.Pipeline, "update_done", counted)
+    pit.main(Args(**SMALL, output_dir=str(tmp_path / name), **kw))
+    return read_metrics(only_run(tmp_path / name)), after
+
+
+def _trained(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows
+            if any(k.startswith(("sft/", "rm/", "train/")) for k in r)]
+
+
+def test_token_budget_splits_over_the_rl_rounds_and_inference_is_not_counted(tmp_path, monkeypatch):
+    rows, after = _budget_run(tmp_path, monkeypatch, "free")
+    assert [c for s, c in after if s in ("sft", "rm")] == [0] * 6  # SFT and the reward model generate nothing
+    rl = [(s, c) for s, c in after if s.startswith("rl")]
+    assert [s for s, _ in rl] == ["rl0:data"] * 3 + ["rl1:policy"] * 3 and 0 < rl[0][1] < rl[1][1]
+    infer = [r for r in rows if "infer/accuracy_k0" in r]
+    assert [r["perf/gen_tokens"] for r in infer] == [rl[-1][1]]  # the inference chains are not counted
+    budget = 2 * rl[0][1] + 1  # round 0's half is spent by its 2nd update; round 1 gets the rest
+    b_rows, b_after = _budget_run(tmp_path, monkeypatch, "budget", token_budget=budget)
+    b_rl = [(s, c) for s, c in b_after if s.startswith("rl")]
+    assert [s for s, _ in b_rl][:3] == ["rl0:data"] * 2 + ["rl1:policy"] and 3 <= len(b_rl) < 6
+    assert [c for _, c in b_rl[:2]] == [c for _, c in rl[:2]] and b_rl[-2][1] < budget <= b_rl[-1][1]  # one update over
+    b_infer = [r for r in b_rows if "infer/accuracy_k0" in r]
+    assert [r["perf/gen_tokens"] for r in b_infer] == [b_rl[-1][1]]  # inference still runs, after the cut rounds
+    state = torch.load(only_run(tmp_path / "budget") / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["completed"] == ["sft", "rm", "rl0:data", "rl1:policy", "infer:2"]
+    big_rows, _ = _budget_run(tmp_path, monkeypatch, "big", token_budget=10**9)  # never reached: the same run
+    assert _trained(big_rows) == _trained(rows) and len([r for r in _trained(rows) if "train/reward" in r]) == 6

@@ -469,3 +469,43 @@ def test_processbench_rows_become_solutions_cut_after_the_first_error(monkeypatc
     monkeypatch.setattr(shared.tasks, "_load_hub_dataset", lambda task, path, config=None: {"gsm8k": rows})
     sols = se.processbench_solutions("gsm8k")
     assert sols == [se.Solution("P", ["s1", "s2"], 1, "processbench"), se.Solution("Q", ["t1", "t2"], -1, "processbench")]
+
+
+# ---------------------------------------------------------------- the token budget (--token-budget)
+SMALL = dict(model="tiny", n_train=16, n_test=2, sft_steps=1, epochs=1, sft_batch_size=4, sft_examples=16, games=3, validation_rollouts=2,
+             max_new_tokens=8, solver_max_new_tokens=6, batch_size=4, micro_batch_size=4, balance=False, iterations=2)
+
+REAL_PLAY_ROUND = spc.play_round  # the unwrapped original (each run wraps it afresh)
+
+
+def _budget_run(tmp_path, monkeypatch, name, **kw):
+    """An in-process run of 1 SFT step and 2 rounds: (metrics, the count after each round's game)."""
+    from shared.sampling import generated_tokens
+    after, real = [], REAL_PLAY_ROUND
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        after.append(generated_tokens())
+        return out
+    monkeypatch.setattr(spc, "play_round", counted)
+    out = spc.main(spc.Args(**SMALL, output_dir=str(tmp_path / name), **kw))
+    return read_metrics(only_run(tmp_path / name)), after
+
+
+def _train(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows if "spc/games" in r]
+
+
+def test_token_budget_ends_the_game_after_the_round_that_spends_it_and_evaluation_is_not_counted(tmp_path, monkeypatch):
+    rows, after = _budget_run(tmp_path, monkeypatch, "free", search_problems=2)
+    assert len(after) == 2 and 0 < after[0] < after[1]
+    evals = [r for r in rows if "eval/accuracy" in r]  # base, after SFT (no generation), after rounds 1 and 2
+    assert [(r["step"], r["perf/gen_tokens"]) for r in evals] == [(0, 0), (1, 0), (2, after[0]), (3, after[1])]
+    assert [r["perf/gen_tokens"] for r in rows if "search/accuracy_critic" in r] == [after[1]]  # the search is not counted
+    b_rows, b_after = _budget_run(tmp_path, monkeypatch, "budget", token_budget=after[0] - 1)  # spent in round 1
+    assert b_after == after[:1] and [r["step"] for r in b_rows if "spc/games" in r] == [2]
+    last = [r for r in b_rows if "eval/accuracy" in r][-1]
+    assert last["step"] == 2 and last["perf/gen_tokens"] == after[0]  # ≥ the budget, overshoot within one round
+    assert torch.load(only_run(tmp_path / "budget") / "checkpoint" / "trainer_state.pt", weights_only=False)["round"] == 1
+    big_rows, _ = _budget_run(tmp_path, monkeypatch, "big", token_budget=10**9)  # never reached: the same game
+    assert _train(big_rows) == _train(rows) and len(_train(rows)) == 2
