@@ -179,7 +179,9 @@ def main(args: Args) -> dict:
     last_eval, cursor = before, stream.cursor  # `cursor`: the prompt stream after the last completed step
     bar = tqdm(total=args.total_steps, initial=step, desc=algo, disable=not accelerator.is_main_process)
     try:
-        while step < args.total_steps:
+        # --token-budget: checked before each rollout step (a DAPO/NFT step's re-generations included), the
+        # step that spends it is the last: evaluated and saved as the --total-steps one would be
+        while step < args.total_steps and run.budget_left():
             t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
             # 1–3. sample K answers per question, verify, keep groups with 0 < r̂ < 1
@@ -256,9 +258,12 @@ def main(args: Args) -> dict:
                 run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}", gnorm=f"{metrics['train/grad_norm']:.2f}")
-            if step % args.eval_every == 0 or step == args.total_steps:
+            last = step == args.total_steps or not run.budget_left()
+            if last and step < args.total_steps:
+                run.log(f"token budget spent after step {step}: {run.tokens_spent()} of {args.token_budget} tokens")
+            if step % args.eval_every == 0 or last:
                 last_eval = run.evaluate(lm, step, args.max_new_tokens)
-            if step % args.save_every == 0 or step == args.total_steps:
+            if step % args.save_every == 0 or last:
                 run.save(lm, step=step, cursor=cursor)
     except KeyboardInterrupt:
         run.save_on_interrupt(lm, f"step {step}", step=step, cursor=cursor)

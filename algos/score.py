@@ -62,7 +62,7 @@ from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
 from shared.rollouts import PromptStream, rollout_logprobs
 from shared.run import Run
-from shared.sampling import cat_rollouts, generate, next_turn_prompts
+from shared.sampling import cat_rollouts, generate, next_turn_prompts, uncounted
 from shared.verifiers import parse_number
 
 
@@ -269,20 +269,21 @@ def evaluate_two_turn(run, lm, step: int, problems, instruction: str, split: str
     t, records = time.time(), []
     mine = problems[acc.process_index::acc.num_processes]
     greedy = dict(max_new_tokens=args.max_new_tokens, greedy=True)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        prompts = [chat_prompt(tok, p.prompt, task.system_prompt) for p in chunk]
-        ro1, ro2 = two_turn_rollout(lm.model, None, tok, prompts, instruction, **greedy)
-        v1, v2 = verdicts(task, ro1, chunk), verdicts(task, ro2, chunk)
-        for j in range(len(chunk)):
-            records.append({"c1": v1[j].correct, "c2": v2[j].correct, "f2": v2[j].format_ok,
-                            "changed": answer_key(v1[j].answer) != answer_key(v2[j].answer),
-                            "edit": edit_ratio(ro1.texts[j], ro2.texts[j]),
-                            "len1": ro1.completion_mask[j].sum().item(), "len2": ro2.completion_mask[j].sum().item()})
-        if args.eval_k:
-            votes = inference_scaling(lm, tok, task, chunk, prompts, instruction, args, seed=args.seed + start)
-            for j, r in enumerate(votes):
-                records[start + j].update(r)
+    with uncounted():  # held-out evaluation: its generations are not part of the --token-budget
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            prompts = [chat_prompt(tok, p.prompt, task.system_prompt) for p in chunk]
+            ro1, ro2 = two_turn_rollout(lm.model, None, tok, prompts, instruction, **greedy)
+            v1, v2 = verdicts(task, ro1, chunk), verdicts(task, ro2, chunk)
+            for j in range(len(chunk)):
+                records.append({"c1": v1[j].correct, "c2": v2[j].correct, "f2": v2[j].format_ok,
+                                "changed": answer_key(v1[j].answer) != answer_key(v2[j].answer),
+                                "edit": edit_ratio(ro1.texts[j], ro2.texts[j]),
+                                "len1": ro1.completion_mask[j].sum().item(), "len2": ro2.completion_mask[j].sum().item()})
+            if args.eval_k:
+                votes = inference_scaling(lm, tok, task, chunk, prompts, instruction, args, seed=args.seed + start)
+                for j, r in enumerate(votes):
+                    records[start + j].update(r)
     records = gather_object(records) if acc.num_processes > 1 else records
     col = lambda k: torch.tensor([float(r[k]) for r in records])  # noqa: E731
     res = self_correction_metrics(col("c1"), col("c2"))
@@ -290,7 +291,8 @@ def evaluate_two_turn(run, lm, step: int, problems, instruction: str, split: str
             "edit_ratio": col("edit").mean().item(), "len_t1": col("len1").mean().item(), "len_t2": col("len2").mean().item()}
     if args.eval_k:
         res |= {f"{k}@{args.eval_k}": col(k).mean().item() for k in ("maj_t1", "maj_self_correct", "maj_parallel_2k")}
-    run.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t}, step)
+    run.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t,
+                                                                  "perf/gen_tokens": run.tokens_spent()}, step)
     run.log(f"step {step}: {split} two-turn greedy on {len(records)} problems: Acc@t1 {res['acc_t1']:.3f}, "
             f"Acc@t2 {res['acc_t2']:.3f}, Δ {res['delta']:+.3f} (i→c {res['delta_i2c']:.3f}, c→i {res['delta_c2i']:.3f}), "
             f"changed {res['changed_frac']:.2f}")
@@ -336,7 +338,9 @@ def main(args: Args) -> dict:
     last_eval, cursor = before, stream.cursor  # `cursor`: the prompt stream after the last completed step
     bar = tqdm(total=args.total_steps, initial=step, desc="score", disable=not accelerator.is_main_process)
     try:
-        while step < args.total_steps:
+        # --token-budget (both turns, offline first answers included): checked before each rollout step; the
+        # step that spends it is the last: evaluated (two-turn) and saved as the --total-steps one would be
+        while step < args.total_steps and run.budget_left():
             stage = stage_of(step, args.stage1_steps, args.stage2_steps)
             t0 = time.time()  # an interrupted rollout is redone from `cursor` on resume
             model.eval()
@@ -422,9 +426,12 @@ def main(args: Args) -> dict:
                 run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(stage=stage, r1=f"{metrics['score/acc_t1']:.2f}", r2=f"{metrics['train/accuracy']:.2f}")
-            if step % args.eval_every == 0 or step == args.total_steps:
+            last = step == args.total_steps or not run.budget_left()
+            if last and step < args.total_steps:
+                run.log(f"token budget spent after step {step}: {run.tokens_spent()} of {args.token_budget} tokens")
+            if step % args.eval_every == 0 or last:
                 last_eval = evaluate_two_turn(run, lm, step, task.test, instruction)
-            if step % args.save_every == 0 or step == args.total_steps:
+            if step % args.save_every == 0 or last:
                 run.save(lm, step=step, cursor=cursor)
     except KeyboardInterrupt:
         run.save_on_interrupt(lm, f"step {step}", step=step, cursor=cursor)

@@ -60,7 +60,7 @@ from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
 from shared.rollouts import PromptStream, rollout_logprobs
 from shared.run import Run
-from shared.sampling import Rollout, generate
+from shared.sampling import Rollout, generate, uncounted
 from shared.translation_data import LANGUAGES, MONOLINGUAL, N_DEV, PARALLEL, parallel_split
 
 
@@ -395,8 +395,10 @@ def main(args: Args) -> dict:
         for split, rows in splits.items():
             if rows:
                 t = time.time()
-                results[split] = res = evaluate_mt(model, tokenizer, rows, args)
-                run.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t}, step)
+                with uncounted():  # held-out evaluation (its judge passes too): not part of the --token-budget
+                    results[split] = res = evaluate_mt(model, tokenizer, rows, args)
+                run.logger.log({f"{split}/{k}": v for k, v in res.items()} | {f"perf/{split}_s": time.time() - t,
+                                                                              "perf/gen_tokens": run.tokens_spent()}, step)
                 run.log(f"step {step}: {split} chrF {res['chrf']:.2f} (lenient {res['chrf_lenient']:.2f}), format "
                         f"{res['format_rate']:.2f}, self-score {res.get('self_score', float('nan')):.1f}")
         return results
@@ -405,7 +407,9 @@ def main(args: Args) -> dict:
     last_eval, cursor = before, stream.cursor
     bar = tqdm(total=args.total_steps, initial=step, desc="ssr_zero", disable=not accelerator.is_main_process)
     try:
-        while step < args.total_steps:
+        # --token-budget (actor samples and the self-judge's passes): checked before each step; the step that
+        # spends it is the last: evaluated and saved as the --total-steps one would be
+        while step < args.total_steps and run.budget_left():
             # ---- actor: G candidates per source (π_θ, temperature T)
             t0 = time.time()
             model.eval()
@@ -481,9 +485,12 @@ def main(args: Args) -> dict:
                 run.logger.log(metrics, step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", fmt=f"{metrics['train/format_rate']:.2f}")
-            if step % args.eval_every == 0 or step == args.total_steps:
+            last = step == args.total_steps or not run.budget_left()
+            if last and step < args.total_steps:
+                run.log(f"token budget spent after step {step}: {run.tokens_spent()} of {args.token_budget} tokens")
+            if step % args.eval_every == 0 or last:
                 last_eval = evaluate(step)
-            if step % args.save_every == 0 or step == args.total_steps:
+            if step % args.save_every == 0 or last:
                 run.save(lm, step=step, cursor=cursor)
     except KeyboardInterrupt:
         run.save_on_interrupt(lm, f"step {step}", step=step, cursor=cursor)

@@ -62,7 +62,7 @@ from shared.args import LMArgs, cli, require
 from shared.logprobs import token_logprobs
 from shared.models import chat_prompt
 from shared.run import LM, Run
-from shared.sampling import generate
+from shared.sampling import generate, generated_tokens, uncounted
 from shared.steps import check_steps
 
 
@@ -291,6 +291,8 @@ def decode(lm: LM, prompts: list[str], args: Args, k: int = 1, temperature: floa
     incl. EOS, ended), the k answers of a prompt adjacent."""
     out, per_call = [], max(1, args.gen_batch_size // k)
     for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False, disable=not lm.accelerator.is_main_process):
+        if args.token_budget and generated_tokens() * lm.accelerator.num_processes >= args.token_budget:
+            break  # --token-budget spent (this process's share: no collective here); the iteration uses what it has
         ro = generate(lm.model, lm.tokenizer, prompts[i:i + per_call], n=k, max_new_tokens=args.max_new_tokens,
                       temperature=max(temperature, 1e-6), greedy=temperature == 0)
         ids = [row[m.bool()].tolist() for row, m in zip(ro.completion_ids.cpu(), ro.completion_mask.cpu())]
@@ -311,8 +313,7 @@ def star_collect(lm: LM, task, problems: dict, args: Args) -> tuple[list[Example
     d_n = [Example(q, question(tok, task, problems[q]), ids, text)
            for q, (text, ids, _), ok in zip(qs, answers, right) if ok]
     # rationalization: (r̂_i^rat, ŷ_i^rat) ← M_{n−1}(add_hint(x_i, y_i)) where ŷ_i ≠ y_i
-    wrong = [q for q, ok in zip(qs, right) if not ok]
-    d_rat = []
+    wrong, d_rat = [q for q, ok in zip(qs, right) if not ok], []
     if args.rationalize and wrong:
         hinted = decode(lm, [question(tok, task, problems[q], args.hint_template) for q in wrong], args,
                         temperature=args.temperature, desc="rationalize")
@@ -352,13 +353,12 @@ class ProcessReward:
 
     @torch.no_grad()
     def __call__(self, problem, solutions: list[str]) -> list[float]:
-        texts, owner = [], []
+        texts, owner, logits = [], [], []
         for j, sol in enumerate(solutions):
             steps = [s for s in sol.split("\n\n") if s.strip()] or [sol]
             for m in range(1, len(steps) + 1):
                 texts.append(self.FORMAT.format(question=problem.prompt, solution="\n\n".join(steps[:m])))
                 owner.append(j)
-        logits = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
                                  padding_side="right").to(self.device)
@@ -383,9 +383,8 @@ def sample_scored(lm: LM, task, queries: list[int], temperature: float, args: Ar
     """K = group_size scored answers per training query (split across processes, gathered in `queries`
     order). Answers that never end are dropped, as B-STaR drops outputs without "# Answer" (§5)."""
     acc, K = lm.accelerator, args.group_size
-    mine = queries[acc.process_index::acc.num_processes]
+    mine, groups = queries[acc.process_index::acc.num_processes], []
     answers = decode(lm, [question(lm.tokenizer, task, task.train[q]) for q in mine], args, K, temperature, desc)
-    groups = []
     for j, q in enumerate(mine):
         ended = [(text, ids) for text, ids, done in answers[j * K:(j + 1) * K] if done]
         r_prm = prm(task.train[q], [text for text, _ in ended]) if prm else [None] * len(ended)
@@ -472,8 +471,7 @@ def lr_lambda(args: Args, total_steps: int):
 
 def finetune(lm: LM, examples: list[Example], steps: int, args: Args, generator: torch.Generator) -> dict:
     """`steps` SFT steps of `batch_size` examples (epoch-wise shuffled) with the loss of §2."""
-    model, acc = lm.model, lm.accelerator
-    world, rank = acc.num_processes, acc.process_index
+    model, acc, world, rank = lm.model, lm.accelerator, lm.accelerator.num_processes, lm.accelerator.process_index
     order, sums = [], {"loss": 0.0, "grad_norm": 0.0, "tokens": 0}
     model.train()
     for _ in tqdm(range(steps), desc="sft", leave=False, disable=not acc.is_main_process):
@@ -521,8 +519,7 @@ def main(args: Args) -> dict:
     lm = run.setup_lm(lr_lambda=lr_lambda(args, sum(schedule)), restore=False)  # Adam, no weight decay
     base = initial_state(lm.params, lm.optimizer, lm.scheduler)  # M: STaR restarts from it (before any resume)
     state = run.restore(lm)  # a new run: each process reseeded with seed + rank
-    prm = process_reward(args, acc.device)
-    M = len(task.train)
+    prm, M = process_reward(args, acc.device), len(task.train)
     nstar = n_star(args.num_selected or math.ceil(M * 67500 / 11500), M)  # the paper's N/M unless --num-selected
     it, best = state.get("iteration", 0), state.get("best", {"iteration": 0, "dev_accuracy": -1.0, "test_accuracy": -1.0})
     before = last = evaluate_iteration(run, lm, 0, args, best) if it == 0 else None
@@ -531,6 +528,8 @@ def main(args: Args) -> dict:
                                        f"no process reward, so r = 1[correct] and τ = {args.threshold}"))
     try:
         for n in range(it + 1, args.iterations + 1):
+            if not run.budget_left():  # --token-budget: the iteration that spent it was the last (see `decode`)
+                break
             t0, metrics = time.time(), {}
             subset = sorted(random.Random(f"{args.seed}/{n}").sample(range(M), min(args.subset_size, M)))
 
@@ -544,7 +543,9 @@ def main(args: Args) -> dict:
             else:  # STaR: greedy (r ∈ {0, 1}, kept iff correct)
                 t_n, tau_n, monitor = args.temperature, args.threshold, None
             if monitor is None and subset:  # Pass@K and friends, at one temperature in both modes
-                monitor = sample_scored(lm, task, subset, args.monitor_temperature, args, prm, "monitor")
+                with uncounted():  # a diagnostic: not part of the --token-budget, nor cut short by it
+                    free = dataclasses.replace(args, token_budget=0)
+                    monitor = sample_scored(lm, task, subset, args.monitor_temperature, free, prm, "monitor")
             if monitor is not None:
                 metrics |= {f"star/{k}": v for k, v in monitor_metrics(monitor, args.pass_s).items()}
 
@@ -569,12 +570,11 @@ def main(args: Args) -> dict:
             t_update = time.time() - t1
             metrics |= {"star/temperature": t_n, "star/threshold": tau_n, "star/selected": len(examples),
                         "star/queries_covered": len({e.query for e in examples}) / M, "star/n_star": nstar,
-                        "star/kept_wrong_step": wrong_step_rate(examples, task),
-                        "star/init_dist": init_dist, "star/dist_from_base": distance_from(lm.params, base),
-                        "train/steps": steps, "train/loss": sums["loss"], "train/grad_norm": sums["grad_norm"],
-                        "train/lr": lm.scheduler.get_last_lr()[0], "train/scheduler_step": lm.scheduler.last_epoch,
-                        "perf/gen_s": t_gen, "perf/update_s": t_update, "perf/iter_s": time.time() - t0,
-                        "perf/tokens_per_s": sums["tokens"] / max(t_update, 1e-9)}
+                        "star/kept_wrong_step": wrong_step_rate(examples, task), "star/init_dist": init_dist,
+                        "star/dist_from_base": distance_from(lm.params, base), "train/steps": steps, "train/loss": sums["loss"],
+                        "train/grad_norm": sums["grad_norm"], "train/lr": lm.scheduler.get_last_lr()[0],
+                        "train/scheduler_step": lm.scheduler.last_epoch, "perf/gen_s": t_gen, "perf/update_s": t_update,
+                        "perf/iter_s": time.time() - t0, "perf/tokens_per_s": sums["tokens"] / max(t_update, 1e-9)}
             run.logger.log(metrics, n)
             log(f"iteration {n}: t={t_n} τ={tau_n} selected {len(examples)} ({metrics['star/rationalized']} "
                 f"rationalized), {steps} SFT steps, loss {sums['loss']:.3f}")

@@ -317,3 +317,55 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(tmp_path):
     assert step >= 1 and logged[-1] == step  # nothing logged was lost
     _run(["--resume", str(run), "--total-steps", str(step + 1)], tmp_path)
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step + 1
+
+
+# ---------------------------------------------------------------- --token-budget (tests/test_nft.py, test_score.py reuse these)
+def strip_perf(rows):
+    """The metrics of a run without its timings (perf/*) and time stamps: what a budget that is never reached
+    must leave unchanged."""
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]
+
+
+def check_budget_stop(run, budget, step_tokens, total_steps, eval_key="eval/accuracy"):
+    """A run that --token-budget ended. `step_tokens[k]`: tokens generated for training in step k + 1 (from its
+    train metrics). Every evaluation record logs exactly the training tokens so far (evaluation does not count),
+    the budget was short before the last step and spent by it (the overshoot is one step's generation), the run
+    stopped before `total_steps`, and its final model was evaluated and checkpointed at the last step."""
+    import itertools
+
+    spent, last = [0, *itertools.accumulate(step_tokens)], len(step_tokens)
+    evals = [r for r in read_metrics(run) if eval_key in r]
+    assert [r["perf/gen_tokens"] for r in evals] == [spent[r["step"]] for r in evals] and evals[0]["step"] == 0
+    assert last < total_steps and spent[last - 1] < budget <= spent[last] and evals[-1]["step"] == last
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == last
+
+
+BUDGET = TINY[:-4] + ["--eval-every", "2", "--save-every", "1000", "--total-steps", "50"]  # 8 answers ≤ 8 tokens a step
+
+
+@pytest.mark.slow
+def test_token_budget_ends_the_run_after_the_step_that_spends_it(tmp_path):
+    _run(BUDGET + ["--token-budget", "150"], tmp_path)
+    run = only_run(tmp_path)
+    train = [r for r in read_metrics(run) if "train/loss" in r]
+    check_budget_stop(run, 150, [round(r["train/completion_len"] * 8) for r in train], 50)
+    assert len(train) == 3  # the tiny model writes 8 tokens an answer: 64, 128 < 150 <= 192; evaluated at 0, 2, 3
+
+
+@pytest.mark.slow
+def test_token_budget_counts_dapo_regenerations(tmp_path):
+    """DAPO's dynamic sampling re-generates within a step: every generation batch counts (the tiny model's
+    groups are all wrong, so its one step runs --max-gen-batches = 3 batches of 8 answers of at most 8 tokens)."""
+    _run(BUDGET + ["--variant", "dapo", "--max-gen-batches", "3", "--token-budget", "100"], tmp_path)
+    run = only_run(tmp_path)
+    rows = read_metrics(run)
+    assert [r["grpo/gen_batches"] for r in rows if "train/loss" in r] == [3]
+    assert [(r["step"], 2 * 64 < r["perf/gen_tokens"] <= 3 * 64) for r in rows if "eval/accuracy" in r][1:] == [(1, True)]
+
+
+@pytest.mark.slow
+def test_token_budget_never_reached_changes_nothing(tmp_path):
+    _run(TINY + ["--total-steps", "2"], tmp_path / "plain")
+    _run(TINY + ["--total-steps", "2", "--token-budget", "1000000"], tmp_path / "budget")
+    plain, budget = (strip_perf(read_metrics(only_run(tmp_path / p))) for p in ("plain", "budget"))
+    assert [r["step"] for r in plain if "train/loss" in r] == [1, 2] and plain == budget

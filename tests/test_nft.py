@@ -13,6 +13,8 @@ import torch
 
 from algos.grpo import group_advantages, grpo_loss
 from algos.nft import group_rate, informative_groups, negative_ratio, nft_loss, prompt_weights, straight_through_max
+from tests.helpers import only_run, read_metrics
+from tests.test_grpo import check_budget_stop, strip_perf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,3 +236,33 @@ def test_default_rollout_is_split_into_four_off_policy_updates(tmp_path):
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+
+
+# ---------------------------------------------------------------- --token-budget (subprocess)
+NFT_TINY = ["--model", "tiny", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "8", "--n-train", "64",
+            "--n-test", "8", "--max-gen-batches", "1"]  # one generation batch a step: 8 answers of ≤ 8 tokens
+
+
+def _nft_run(args, out):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "algos" / "nft.py")] + NFT_TINY + args + ["--output-dir", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return only_run(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--rft"]])
+def test_token_budget_ends_the_run_after_the_step_that_spends_it(tmp_path, extra):
+    run = _nft_run(["--total-steps", "50", "--eval-every", "2", "--save-every", "1000", "--token-budget", "150"] + extra, tmp_path)
+    train = [r for r in read_metrics(run) if "train/grad_norm" in r]
+    check_budget_stop(run, 150, [round(r["train/completion_len"] * 8) for r in train], 50)
+    assert len(train) == 3  # 64, 128 < 150 <= 192 tokens
+
+
+@pytest.mark.slow
+def test_token_budget_never_reached_changes_nothing(tmp_path):
+    plain = _nft_run(["--total-steps", "2", "--eval-every", "1"], tmp_path / "plain")
+    budget = _nft_run(["--total-steps", "2", "--eval-every", "1", "--token-budget", "1000000"], tmp_path / "budget")
+    rows = strip_perf(read_metrics(plain))
+    assert [r["step"] for r in rows if "train/grad_norm" in r] == [1, 2] and rows == strip_perf(read_metrics(budget))

@@ -420,3 +420,30 @@ def test_help_documents_every_flag():
         flag = "--" + f.name.replace("_", "-")
         assert flag in entries, f"{flag} missing from --help"
         assert len(entries[flag].split("(default:")[0]) > len(flag) + 10, f"{flag} has no description"
+
+
+# ---------------------------------------------------------------- --token-budget (subprocess)
+@pytest.mark.slow
+def test_token_budget_ends_the_run_and_counts_both_turns_but_no_evaluation(tmp_path):
+    """Both turns count, offline first answers (the base model's) too; the two-turn evaluation (with its --eval-k
+    samples) does not. 4 problems × 2 turns × ≤ 8 tokens = ≤ 64 tokens a step: 150 ends it after step 3."""
+    from tests.test_grpo import check_budget_stop
+
+    _run(TINY + ["--total-steps", "50", "--eval-every", "2", "--save-every", "1000", "--eval-k", "2",
+                 "--offline-frac", "0.5", "--token-budget", "150"], tmp_path)
+    run = only_run(tmp_path)
+    train = [r for r in read_metrics(run) if "train/loss" in r]
+    check_budget_stop(run, 150, [round((r["score/len_t1"] + r["train/completion_len"]) * 4) for r in train], 50,
+                      eval_key="eval/acc_t2")
+    assert len(train) == 3 and "eval/acc_t1" in read_metrics(run)[-2]  # the final two-turn evaluation at step 3
+
+
+@pytest.mark.slow
+def test_token_budget_never_reached_changes_nothing(tmp_path):
+    from tests.test_grpo import strip_perf
+
+    flags = TINY + ["--total-steps", "4", "--eval-every", "2", "--baseline", "--offline-frac", "0.5"]
+    _run(flags, tmp_path / "plain")
+    _run(flags + ["--token-budget", "1000000"], tmp_path / "budget")
+    plain, budget = (strip_perf(read_metrics(only_run(tmp_path / p))) for p in ("plain", "budget"))
+    assert [r["score/stage"] for r in plain if "train/loss" in r] == [1, 1, 2, 2] and plain == budget

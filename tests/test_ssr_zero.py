@@ -373,3 +373,32 @@ def test_command_line_bad_flag_and_help(tmp_path):
     assert not (tmp_path / "runs").exists()
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "one process" in out.stdout and "--judge-temperature" in out.stdout
+
+
+# ---------------------------------------------------------------- --token-budget (subprocess)
+@pytest.mark.slow
+def test_token_budget_ends_the_run_and_counts_the_judge_but_no_evaluation(tmp_path):
+    """Per step: 8 actor answers (train/completion_len each) and one judge pass of ≥ 1, ≤ 6 tokens per judge call
+    count; the evaluations (greedy actor and its self-judge on dev and test) do not."""
+    _run(TINY[:-2] + ["--save-every", "1000", "--total-steps", "50", "--token-budget", "150"], tmp_path / "runs", tmp_path)
+    run = only_run(tmp_path / "runs")
+    rows = read_metrics(run)
+    train = {r["step"]: r for r in rows if "train/loss" in r}
+    spent = {r["step"]: r["perf/gen_tokens"] for r in rows if "eval/chrf" in r}
+    assert [(r["step"], r["perf/gen_tokens"]) for r in rows if "dev/chrf" in r][0] == (0, 0) and spent[0] == 0
+    last = max(train)
+    assert sorted(spent) == list(range(last + 1)) and 1 < last < 50 and spent[last - 1] < 150 <= spent[last]
+    for s, r in train.items():
+        actor, calls = round(r["train/completion_len"] * 8), r["ssr_zero/judge_calls"]
+        assert actor + calls <= spent[s] - spent[s - 1] <= actor + 6 * calls
+    assert any(r["ssr_zero/judge_calls"] > 0 for r in train.values())
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == last
+
+
+@pytest.mark.slow
+def test_token_budget_never_reached_changes_nothing(tmp_path):
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]  # noqa: E731
+    _run(TINY + ["--total-steps", "2"], tmp_path / "plain", tmp_path)
+    _run(TINY + ["--total-steps", "2", "--token-budget", "1000000"], tmp_path / "budget", tmp_path)
+    plain, budget = (strip(read_metrics(only_run(tmp_path / p))) for p in ("plain", "budget"))
+    assert [r["step"] for r in plain if "train/loss" in r] == [1, 2] and plain == budget

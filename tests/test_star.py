@@ -396,7 +396,8 @@ def test_best_iteration_and_early_stopping_follow_dev_not_test(tmp_path, monkeyp
     rows = read_metrics(out["run_dir"])
     assert [r["step"] for r in rows if "dev/accuracy" in r] == [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2, 3]
     assert out["best"] == {"iteration": 1, "dev_accuracy": 0.75, "test_accuracy": 0.25}
-    assert rows[-1]["star/best_iteration"] == 1 and rows[-1]["star/best_test_accuracy"] == 0.25
+    last = [r for r in rows if "star/best_iteration" in r][-1]  # the final row is Run.close's peak memory
+    assert last["star/best_iteration"] == 1 and last["star/best_test_accuracy"] == 0.25
     assert {p.prompt for p in task.dev}.isdisjoint({p.prompt for p in task.test + task.train})
 
 
@@ -493,3 +494,44 @@ def test_bstar_interrupted_and_resumed_matches_a_straight_run(tmp_path, taught_t
     from safetensors.torch import load_file
     wa, wb = (load_file(Path(d) / "checkpoint" / "model.safetensors") for d in (straight["run_dir"], run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------- --token-budget (subprocess)
+def _spent(run):
+    """{iteration: perf/gen_tokens} of the test evaluations, and the iteration rows."""
+    rows = read_metrics(run)
+    return {r["step"]: r["perf/gen_tokens"] for r in rows if "eval/accuracy" in r}, [r for r in rows if "star/selected" in r]
+
+
+@pytest.mark.slow
+def test_star_budget_stops_inside_the_generation_and_trains_on_what_it_has(tmp_path, taught_tiny):
+    """Greedy rationales, 2 questions per `generate` call (≤ 80 tokens): a budget of 20 is spent by the first call,
+    so iteration 1 trains on those answers only (2 SFT steps), is evaluated and saved, and ends the run. The
+    Pass@K monitor (3 questions × 2 samples at T = 1) and the dev/test evaluations are not counted."""
+    _run(["--model", taught_tiny, *TINY, "--iterations", "3", "--gen-batch-size", "2", "--token-budget", "20"], tmp_path)
+    run = only_run(tmp_path)
+    spent, (it,) = _spent(run)
+    assert sorted(spent) == [0, 1] and spent[0] == 0 and 20 <= spent[1] < 20 + 2 * 40
+    assert 0 < it["star/selected"] <= 2 and it["star/queries_covered"] <= 2 / 6 and it["train/steps"] == 2
+    assert math.isfinite(it["star/pass_at_k"])  # the monitor ran (uncounted, not cut short)
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["iteration"] == 1
+
+
+@pytest.mark.slow
+def test_bstar_budget_counts_the_search(tmp_path, taught_tiny):
+    """B-STaR's temperature search samples for training (it picks t and τ): it counts. K = 2 answers of one question
+    per call (≤ 80 tokens); the budget of 50 runs out within the search of iteration 1, which ends the run."""
+    _run(["--model", taught_tiny, *TINY, "--mode", "bstar", "--iterations", "3", "--gen-batch-size", "2",
+          "--token-budget", "50"], tmp_path)
+    spent, (it,) = _spent(only_run(tmp_path))
+    assert sorted(spent) == [0, 1] and 50 <= spent[1] < 50 + 2 * 40 and it["star/selected"] == 0
+
+
+@pytest.mark.slow
+def test_star_budget_never_reached_changes_nothing(tmp_path, taught_tiny):
+    strip = lambda rows: json.dumps([{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows])  # noqa: E731
+    flags = ["--model", taught_tiny, *TINY, "--iterations", "2", "--gen-batch-size", "4"]
+    _run(flags, tmp_path / "plain")
+    _run(flags + ["--token-budget", "1000000"], tmp_path / "budget")
+    plain, budget = (strip(read_metrics(only_run(tmp_path / p))) for p in ("plain", "budget"))
+    assert [r["step"] for r in json.loads(plain) if "star/selected" in r] == [1, 2] and plain == budget
