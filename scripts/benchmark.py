@@ -55,29 +55,37 @@ class Method:
     label: str
     script: str  # algos/<script>.py; "" for the base model (evaluated here)
     flags: tuple[str, ...] = ()
-    own: tuple[str, str] | None = None  # (metric key, label) of the method's own final metric, shown beside
-    solver: bool = True  # False: not a solver of the common task (own benchmark, own table)
+    metric: str = METRIC  # the "after" value: the last record holding this key
+    metric_label: str = "greedy test accuracy"
+    own: tuple[str, str] | None = None  # (metric key, label) of a second final metric of the method, shown beside
+    solver: bool = True  # False: its metric is not greedy accuracy on the task (own table)
     note: str = ""
 
 
+STEPS = ("--total-steps", FOREVER, "--save-every", "20")  # step-loop methods: the budget ends them; a checkpoint every 20 steps
+
 METHODS: dict[str, Method] = {
     "base": Method("base model (no training)", ""),
-    "sft": Method("SFT on reference answers (baseline)", "sft", ("--total-steps", FOREVER),
-                  note="budget = reference-answer tokens trained on"),
-    "grpo": Method("GRPO", "grpo", ("--total-steps", FOREVER)),
-    "dr_grpo": Method("Dr. GRPO", "grpo", ("--variant", "dr_grpo", "--total-steps", FOREVER)),
-    "dapo": Method("DAPO", "grpo", ("--variant", "dapo", "--total-steps", FOREVER)),
-    "nft": Method("NFT", "nft", ("--total-steps", FOREVER)),
-    "rft": Method("RFT (NFT's positive half)", "nft", ("--rft", "--total-steps", FOREVER)),
+    "sft": Method("SFT on reference answers (baseline)", "sft", STEPS, note="budget = reference-answer tokens trained on"),
+    "grpo": Method("GRPO", "grpo", STEPS),
+    "dr_grpo": Method("Dr. GRPO", "grpo", ("--variant", "dr_grpo", *STEPS)),
+    "dapo": Method("DAPO", "grpo", ("--variant", "dapo", *STEPS)),
+    "nft": Method("NFT", "nft", STEPS),
+    "rft": Method("RFT (NFT's positive half)", "nft", ("--rft", *STEPS)),
     "star": Method("STaR", "star", ("--iterations", FOREVER)),
     "bstar": Method("B-STaR", "star", ("--mode", "bstar", "--iterations", FOREVER)),
-    "score": Method("SCoRe", "score", ("--total-steps", FOREVER), own=("eval/acc_t2", "Acc@t2")),
-    "mcts_dpo": Method("MCTS-DPO", "mcts_dpo", ("--iterations", FOREVER)),
-    "cream": Method("CREAM", "cream", ("--iterations", FOREVER)),
-    "pit": Method("PIT", "pit", ()),
-    "spc": Method("SPC (critic)", "spc", ("--iterations", FOREVER), own=("eval/f1", "error-step F1"), solver=False),
-    "ssr_zero": Method("SSR-Zero (translation)", "ssr_zero", ("--total-steps", FOREVER), own=("eval/chrf", "chrF"),
-                       solver=False),
+    "score": Method("SCoRe", "score", STEPS, metric="eval/acc_t1", own=("eval/acc_t2", "two-turn Acc@t2"),
+                    note="turn 1 is the same greedy single-turn answer"),
+    "cream": Method("CREAM", "cream", ("--iterations", "20", "--prompts-per-iteration", "16", "--gen-batch-size", "40"),
+                    note="after a seed SFT on 128 reference answers that the budget does not charge"),
+    "pit": Method("PIT (improver of M_P's answers)", "pit", ("--rl-steps", FOREVER, "--infer-temperature", "0"),
+                  metric="infer/accuracy_k3", metric_label="accuracy of M_P's greedy answers after 3 greedy rewrites",
+                  solver=False, note="SFT and reward-model stages uncharged; RL samples charged"),
+    "spc": Method("SPC (step critic)", "spc", ("--iterations", FOREVER, "--games", "4"), metric="eval/f1",
+                  metric_label="error-step F1 on the step-error benchmark", solver=False),
+    "ssr_zero": Method("SSR-Zero (translation)", "ssr_zero", STEPS, metric="eval/chrf",
+                       metric_label="test chrF (its own EN/DE/FR task)", solver=False),
+    "mcts_dpo": Method("MCTS-DPO", "mcts_dpo", ("--iterations", FOREVER, "--prompts-per-iteration", "4")),
 }
 
 
@@ -97,7 +105,7 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset("HuggingFaceTB/SmolLM2-135M-Instruct", "multistep", 1, 1000, 50, 50, 64, 8000, 1000000,
+    "quick": Preset("HuggingFaceTB/SmolLM2-135M-Instruct", "multistep", 1, 1000, 50, 50, 64, 4000, 1000000,
                     "this project's 2-core x86_64 CPU, 24 GiB, torch 2.13.0+cpu", "results.md"),
     "full": Preset("HuggingFaceTB/SmolLM2-135M-Instruct", "multistep", 2, 2000, 200, 100, 96, 200000, 10,
                    "one GPU", "results_full.md"),
@@ -181,7 +189,7 @@ def _attempts(out: pathlib.Path) -> list[dict]:
 def read_result(run: pathlib.Path, m: Method) -> dict:
     """Final accuracy, tokens spent, the accuracy-vs-tokens curve and peak memory from a run's metrics."""
     rows = read_metrics(run)
-    key = METRIC if m.solver else m.own[0]
+    key = m.metric
     evals = [r for r in rows if key in r]
     if not evals:
         raise SystemExit(f"{run}: no {key} record")
@@ -254,13 +262,13 @@ def markdown(summary: dict, p: Preset, preset: str, seeds: list[int], rl: list[s
     own = [(name, s) for name, s in summary.items() if not METHODS[name].solver]
     if own:
         lines += ["", "Methods that do not solve the task themselves, on their own benchmarks under the same budget and seed:",
-                  "", "| method | its metric | value after | tokens spent | wall time (min) | peak memory (GB) | command |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "| method | its metric | value after | tokens spent | wall time (min) | peak memory (GB) | notes | command |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, s in own:
             m = METHODS[name]
             value = f"{s['mean']:.3f}" + ("" if math.isnan(s["ci"]) else f" ± {s['ci']:.3f}")
-            lines.append(f"| {m.label} | {m.own[1]} | {value} | "
-                         f"{s['tokens']:,.0f} | {s['wall_s'] / 60:.1f} | {s['peak_gb']:.1f} | `{s['command']}` |")
+            lines.append(f"| {m.label} | {m.metric_label} | {value} | "
+                         f"{s['tokens']:,.0f} | {s['wall_s'] / 60:.1f} | {s['peak_gb']:.1f} | {m.note} | `{s['command']}` |")
     lines += ["", "Tokens spent: the count at the final evaluation (a run stops before the first step that would start "
               "at or over the budget, so it may end up to one step past it). Wall time: the whole script (model "
               "loading, evaluations before and after, checkpoints). Peak memory: the script's peak resident set "

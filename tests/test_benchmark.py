@@ -31,12 +31,13 @@ def test_read_result_takes_the_last_test_accuracy_the_tokens_spent_and_the_peak(
         {"step": 0, "eval/accuracy": 0.1, "perf/gen_tokens": 0},
         {"step": 1, "train/reward": 0.5},
         {"step": 2, "dev/accuracy": 0.9, "perf/gen_tokens": 700},  # dev is not the reported split
-        {"step": 3, "eval/accuracy": 0.3, "perf/gen_tokens": 1040, "eval/acc_t2": 0.35},
+        {"step": 3, "eval/accuracy": 0.3, "perf/gen_tokens": 1040, "eval/acc_t1": 0.3, "eval/acc_t2": 0.35},
         {"step": 3, "perf/peak_rss_gb": 2.5},
     ])
-    res = bench.read_result(run, bench.METHODS["score"])
+    res = bench.read_result(run, bench.Method("GRPO", "grpo", own=("eval/acc_t2", "Acc@t2")))
     assert res["after"] == 0.3 and res["tokens"] == 1040 and res["own"] == 0.35 and res["peak_gb"] == 2.5
     assert res["curve"] == [(0, 0.1), (1040, 0.3)]
+    assert bench.read_result(run, bench.METHODS["score"])["after"] == 0.3  # SCoRe: turn 1, the single-turn answer
     with pytest.raises(SystemExit):
         bench.read_result(run, bench.METHODS["spc"])  # no eval/f1 record: an error, not a made-up number
 
