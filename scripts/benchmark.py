@@ -62,6 +62,7 @@ class Method:
     note: str = ""
 
 
+RESAMPLES = "a step's re-generations (dynamic sampling) count, so one step can overshoot the budget further"
 STEPS = ("--total-steps", FOREVER, "--save-every", "20")  # step-loop methods: the budget ends them; a checkpoint every 20 steps
 
 METHODS: dict[str, Method] = {
@@ -69,11 +70,14 @@ METHODS: dict[str, Method] = {
     "sft": Method("SFT on reference answers (baseline)", "sft", STEPS, note="budget = reference-answer tokens trained on"),
     "grpo": Method("GRPO", "grpo", STEPS),
     "dr_grpo": Method("Dr. GRPO", "grpo", ("--variant", "dr_grpo", *STEPS)),
-    "dapo": Method("DAPO", "grpo", ("--variant", "dapo", *STEPS)),
-    "nft": Method("NFT", "nft", STEPS),
-    "rft": Method("RFT (NFT's positive half)", "nft", ("--rft", *STEPS)),
-    "star": Method("STaR", "star", ("--iterations", FOREVER)),
-    "bstar": Method("B-STaR", "star", ("--mode", "bstar", "--iterations", FOREVER)),
+    "dapo": Method("DAPO", "grpo", ("--variant", "dapo", *STEPS), note=RESAMPLES),
+    "nft": Method("NFT", "nft", STEPS, note=RESAMPLES),
+    "rft": Method("RFT (NFT's positive half)", "nft", ("--rft", *STEPS), note=RESAMPLES),
+    "star": Method("STaR", "star", ("--iterations", "3", "--gen-batch-size", "32", "--subset-size", "0"),
+                   note="the budget can end an iteration part-way: it trains on what it generated"),
+    "bstar": Method("B-STaR", "star", ("--mode", "bstar", "--iterations", "3", "--gen-batch-size", "32", "--temperatures",
+                                       "0.7", "1.0", "--subset-size", "10", "--group-size", "4"),
+                    note="search cut to T ∈ {0.7, 1.0} on 10 queries, K = 4, to leave budget for training"),
     "score": Method("SCoRe", "score", STEPS, metric="eval/acc_t1", own=("eval/acc_t2", "two-turn Acc@t2"),
                     note="turn 1 is the same greedy single-turn answer"),
     "cream": Method("CREAM", "cream", ("--iterations", "20", "--prompts-per-iteration", "16", "--gen-batch-size", "40"),
