@@ -57,6 +57,7 @@ class Method:
     flags: tuple[str, ...] = ()
     metric: str = METRIC  # the "after" value: the last record holding this key
     metric_label: str = "greedy test accuracy"
+    before_key: str | None = None  # own-table methods: the metric's "before" value in the final record (else: the first record)
     own: tuple[str, str] | None = None  # (metric key, label) of a second final metric of the method, shown beside
     solver: bool = True  # False: its metric is not greedy accuracy on the task (own table)
     note: str = ""
@@ -85,6 +86,7 @@ METHODS: dict[str, Method] = {
     "pit": Method("PIT (improver of M_P's answers)", "pit", ("--rl-steps", FOREVER, "--infer-temperature", "0",
                                                              "--n-train", "64"),
                   metric="infer/accuracy_k3", metric_label="accuracy of M_P's greedy answers after 3 greedy rewrites",
+                  before_key="infer/accuracy_k0",
                   solver=False, note="64 training triples (its SFT and reward-model stages, which the budget does not charge, "
                                     "take 30 min on 1000); RL samples charged"),
     "spc": Method("SPC (step critic)", "spc", ("--iterations", FOREVER, "--games", "4"), metric="eval/f1",
@@ -178,7 +180,7 @@ def run_method(name: str, p: Preset, seed: int, root: pathlib.Path) -> dict:
         raise SystemExit(f"{name} seed {seed} failed (exit {rc}); rerun the same command to resume it")
     rec = {"method": name, "seed": seed, **read_result(run_dirs(out)[-1], METHODS[name]),
            "wall_s": sum(a["wall_s"] for a in _attempts(out)),
-           "command": shlex.join(["python", *command(name, p, seed, out, resume=False)[1:]])}
+           "command": shlex.join(["python", *command(name, p, seed, out, resume=False)[1:]]).replace(f"{ROOT}/", "")}
     (out / "result.json").write_text(json.dumps(rec, indent=1) + "\n")
     return rec
 
@@ -201,7 +203,8 @@ def read_result(run: pathlib.Path, m: Method) -> dict:
         raise SystemExit(f"{run}: no {key} record")
     tokens = max((r["perf/gen_tokens"] for r in rows if "perf/gen_tokens" in r), default=float("nan"))
     peaks = [r[k] for r in rows for k in ("perf/cuda_peak_gb", "perf/peak_rss_gb") if k in r]
-    return {"after": evals[-1][key], "tokens": tokens, "own": evals[-1].get(m.own[0]) if m.own else None,
+    before = evals[-1][m.before_key] if m.before_key else evals[0][key]
+    return {"after": evals[-1][key], "before": before, "tokens": tokens, "own": evals[-1].get(m.own[0]) if m.own else None,
             "curve": [(r["perf/gen_tokens"], r[key]) for r in evals if "perf/gen_tokens" in r],
             "peak_gb": max(peaks, default=float("nan")), "run": str(run)}
 
@@ -233,7 +236,9 @@ def summarise(records: list[dict]) -> dict:
         rs = sorted((r for r in records if r["method"] == name), key=lambda r: r["seed"])
         acc, hw = t_interval([r["after"] for r in rs])
         own = [r["own"] for r in rs if r.get("own") is not None]
+        before = [r["before"] for r in rs if r.get("before") is not None]
         out[name] = {"seeds": [r["seed"] for r in rs], "per_seed": [r["after"] for r in rs], "mean": acc, "ci": hw,
+                     "before": sum(before) / len(before) if before else None,
                      "tokens": sum(r["tokens"] for r in rs) / len(rs), "wall_s": sum(r["wall_s"] for r in rs) / len(rs),
                      "peak_gb": max(r["peak_gb"] for r in rs), "own": sum(own) / len(own) if own else None,
                      "command": rs[0]["command"]}
@@ -268,12 +273,13 @@ def markdown(summary: dict, p: Preset, preset: str, seeds: list[int], rl: list[s
     own = [(name, s) for name, s in summary.items() if not METHODS[name].solver]
     if own:
         lines += ["", "Methods that do not solve the task themselves, on their own benchmarks under the same budget and seed:",
-                  "", "| method | its metric | value after | tokens spent | wall time (min) | peak memory (GB) | notes | command |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "", "| method | its metric | before | after | tokens spent | wall time (min) | peak memory (GB) | notes | command |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in own:
             m = METHODS[name]
             value = f"{s['mean']:.3f}" + ("" if math.isnan(s["ci"]) else f" ± {s['ci']:.3f}")
-            lines.append(f"| {m.label} | {m.metric_label} | {value} | "
+            before = "—" if s["before"] is None else f"{s['before']:.3f}"
+            lines.append(f"| {m.label} | {m.metric_label} | {before} | {value} | "
                          f"{s['tokens']:,.0f} | {s['wall_s'] / 60:.1f} | {s['peak_gb']:.1f} | {m.note} | `{s['command']}` |")
     lines += ["", "Tokens spent: the count at the final evaluation (a run stops before the first step that would start "
               "at or over the budget, so it may end up to one step past it). Wall time: the whole script (model "
@@ -406,14 +412,17 @@ def main(args: Args) -> None:
 
         p = dataclasses.replace(p, hardware=torch.cuda.get_device_name() if torch.cuda.is_available() else
                                 f"{platform.machine()} CPU (the full preset is meant for a GPU)")
-    root = pathlib.Path(args.out_dir) / preset
+    root = pathlib.Path(args.out_dir).resolve() / preset  # the methods run in the repository root
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     records = []
     for seed in args.seeds:
         for name in args.methods:
             done = root / f"{name}__s{seed}" / "result.json"
-            if args.table_only:
-                records += [json.loads(done.read_text())] if done.is_file() else []
+            if args.table_only:  # the run's metrics read again; wall time and command as recorded
+                rec = json.loads(done.read_text()) if done.is_file() else None
+                if rec is not None and name != "base":
+                    rec.update(read_result(pathlib.Path(rec["run"]), METHODS[name]))
+                records += [rec] if rec is not None else []
             else:
                 records.append(run_method(name, p, seed, root))
     if not records:
