@@ -421,7 +421,7 @@ def main(args: Args) -> None:
             if args.table_only:  # the run's metrics read again; wall time and command as recorded
                 rec = json.loads(done.read_text()) if done.is_file() else None
                 if rec is not None and name != "base":
-                    rec.update(read_result(pathlib.Path(rec["run"]), METHODS[name]))
+                    rec.update(read_result(ROOT / rec["run"], METHODS[name]))  # a relative path is from the root
                 records += [rec] if rec is not None else []
             else:
                 records.append(run_method(name, p, seed, root))
