@@ -281,6 +281,10 @@ def markdown(summary: dict, p: Preset, preset: str, seeds: list[int], rl: list[s
             before = "—" if s["before"] is None else f"{s['before']:.3f}"
             lines.append(f"| {m.label} | {m.metric_label} | {before} | {value} | "
                          f"{s['tokens']:,.0f} | {s['wall_s'] / 60:.1f} | {s['peak_gb']:.1f} | {m.note} | `{s['command']}` |")
+    missing = [METHODS[k].label for k in METHODS if k not in summary]
+    if missing:
+        lines += ["", f"Not in this table (not run, or not finished): {', '.join(missing)}. The same command resumes "
+                      "the benchmark and adds them."]
     lines += ["", "Tokens spent: the count at the final evaluation (a run stops before the first step that would start "
               "at or over the budget, so it may end up to one step past it). Wall time: the whole script (model "
               "loading, evaluations before and after, checkpoints). Peak memory: the script's peak resident set "
@@ -334,7 +338,8 @@ def plot(records: list[dict], path: pathlib.Path, p: Preset, base: float | None)
     colours = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         for j, r in enumerate(x for x in records if x["method"] == name):
-            pts = ([(0, base)] if base is not None else []) + [tuple(c) for c in r["curve"] if c[0] > 0]
+            pts = [tuple(c) for c in r["curve"]]  # every evaluation of the run (CREAM's seed SFT: a point at 0 tokens)
+            pts = pts if pts and pts[0][0] == 0 or base is None else [(0, base)] + pts
             ax.plot(*zip(*pts), "o-", color=colours(i), alpha=0.9 if j == 0 else 0.4, ms=4,
                     label=METHODS[name].label if j == 0 else None)
     if base is not None:
