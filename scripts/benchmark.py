@@ -89,8 +89,10 @@ METHODS: dict[str, Method] = {
                   before_key="infer/accuracy_k0",
                   solver=False, note="64 training triples (its SFT and reward-model stages, which the budget does not charge, "
                                     "take 30 min on 1000); RL samples charged"),
-    "spc": Method("SPC (step critic)", "spc", ("--iterations", FOREVER, "--games", "4"), metric="eval/f1",
-                  metric_label="error-step F1 on the step-error benchmark", solver=False),
+    "spc": Method("SPC (step critic)", "spc", ("--iterations", FOREVER, "--games", "8", "--sft-steps", "20"), metric="eval/f1",
+                  metric_label="error-step F1 on the step-error benchmark", solver=False,
+                  note="after 20 round-0 SFT steps per role on its teacher file, which the budget does not charge; "
+                       "8 games a round, so about two rounds (the paper: 2)"),
     "ssr_zero": Method("SSR-Zero (translation)", "ssr_zero", STEPS, metric="eval/chrf",
                        metric_label="test chrF (its own EN/DE/FR task)", solver=False),
     "mcts_dpo": Method("MCTS-DPO", "mcts_dpo", ("--iterations", FOREVER, "--prompts-per-iteration", "4")),
